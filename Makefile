@@ -1,0 +1,33 @@
+# make book  -> environment (if missing), zoo models (if missing), notebooks (if changed), HTML book
+# make test  -> environment (if missing), test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: env book notebooks test clean clean-all
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned, so pip takes the local CPU wheel instead of a CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/python -m madlib.runner build
+
+notebooks: $(STAMP)
+	$(BIN)/python -m madlib.runner notebooks
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf _build/html _build/.doctrees _build/stamps book/generated
+
+clean-all: clean
+	rm -rf _build $(VENV)

@@ -1,0 +1,135 @@
+"""The MAD task on quirky models (methods.md §2) and the per-layer AUROC table.
+
+* **trusted**: train split, Alice characters with the first four names, easy examples;
+* **untrusted** (offline detectors only, unlabelled): train split, easy, Alice and Bob with the
+  first four names;
+* **test**: validation split (held-out names only), hard examples; normal = Alice, anomalous =
+  Bob, balanced 50/50 and capped; ``agreement`` marks rows where Alice's and Bob's labels agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import data as qdata
+from .activations import Extraction, extract
+from .detectors import make_detector
+from .metrics import aggregate_layers, auroc_table
+
+SUBSETS = ("all", "agree", "disagree")
+
+
+@dataclass
+class MadTask:
+    """Records of one dataset split into the MAD roles."""
+
+    dataset: str
+    trusted: pd.DataFrame
+    untrusted: pd.DataFrame
+    test: pd.DataFrame  # with a boolean column ``is_anomalous``
+
+    def summary(self) -> dict:
+        return dict(
+            dataset=self.dataset, n_trusted=len(self.trusted), n_untrusted=len(self.untrusted), n_test=len(self.test),
+            n_anomalous=int(self.test["is_anomalous"].sum()), n_disagree=int((~self.test["agreement"]).sum()),
+        )  # fmt: skip
+
+
+def mad_task(records: pd.DataFrame, max_test: int = 4000, max_trusted: int = 4000, seed: int = 0) -> MadTask:
+    """Split the records of one quirky dataset into trusted / untrusted / test (see module doc)."""
+    datasets = records["dataset"].unique()
+    if len(datasets) != 1:
+        raise ValueError(f"records hold datasets {list(datasets)}; give the records of exactly one dataset")
+    if max_test < 2:
+        raise ValueError(f"max_test={max_test!r} is not accepted; give an integer >= 2")
+    trusted_alice = set(qdata.ALICE_NAMES[: qdata.N_TRUSTED_NAMES])
+    trusted_names = trusted_alice | set(qdata.BOB_NAMES[: qdata.N_TRUSTED_NAMES])
+    train = records[(records["split"] == "train") & records["easy"]]
+    trusted = train[train["character"].isin(trusted_alice)]
+    trusted = trusted.sample(n=min(max_trusted, len(trusted)), random_state=seed)
+    untrusted = train[train["character"].isin(trusted_names)].sample(frac=1.0, random_state=seed + 1)
+    hard = records[(records["split"] == "validation") & records["hard"]]
+    normal, anomalous = hard[hard["character_type"] == "alice"], hard[hard["character_type"] == "bob"]
+    k = min(len(normal), len(anomalous), max_test // 2)
+    if k == 0 or len(trusted) < 2:
+        raise ValueError(f"dataset {datasets[0]!r} yields {len(trusted)} trusted and {2 * k} test records; increase its size")
+    test = pd.concat([normal.sample(n=k, random_state=seed + 2), anomalous.sample(n=k, random_state=seed + 3)])
+    test = test.assign(is_anomalous=test["character_type"] == "bob").reset_index(drop=True)
+    return MadTask(datasets[0], trusted.reset_index(drop=True), untrusted.reset_index(drop=True), test)
+
+
+@dataclass
+class MadFeatures:
+    """Activations of the three MAD roles at the analysed layers."""
+
+    trusted: Extraction
+    untrusted: Extraction
+    test: Extraction
+
+
+def extract_task(model, task: MadTask, layers: list[int], batch_size: int = 128, progress: bool = True) -> MadFeatures:
+    """One forward pass per role and batch."""
+    return MadFeatures(
+        *(
+            extract(model, df["prompt"].tolist(), layers, batch_size=batch_size, progress=progress, desc=f"{task.dataset}/{role}")
+            for role, df in (("trusted", task.trusted), ("untrusted", task.untrusted), ("test", task.test))
+        )
+    )
+
+
+def score_detectors(
+    task: MadTask,
+    feats: MadFeatures,
+    detectors: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    standardise: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fit each detector on trusted features and score the test set.
+
+    Returns the tidy AUROC table (``detector, layer, subset, auroc, ci_low, ci_high, n``; layer is a
+    layer number, ``aggregated`` or ``mean``) and the per-example scores (``detector, layer,
+    is_anomalous, agreement, score``).
+    """
+    rows, score_rows = [], []
+    y = task.test["is_anomalous"].to_numpy()
+    agree = task.test["agreement"].to_numpy()
+    for name in detectors:
+        det = make_detector(name).fit(feats.trusted.acts, feats.untrusted.acts)
+        test_scores = det.score(feats.test.acts)
+        trusted_scores = det.score(feats.trusted.acts) if standardise else None
+        agg = aggregate_layers(test_scores, trusted_scores)
+        for layer, s in {**test_scores, "aggregated": agg}.items():
+            score_rows.append(pd.DataFrame(dict(detector=name, layer=str(layer), is_anomalous=y, agreement=agree, score=s)))
+        for subset in SUBSETS:
+            m = np.ones_like(y, dtype=bool) if subset == "all" else (agree if subset == "agree" else ~agree)
+            table = auroc_table(y[m], {k: v[m] for k, v in test_scores.items()}, agg[m], n_boot=n_boot, seed=seed)
+            rows.extend(dict(detector=name, subset=subset, **r) for r in table)
+    return pd.DataFrame(rows), pd.concat(score_rows, ignore_index=True)
+
+
+def run_mad(
+    model,
+    model_name: str,
+    records: pd.DataFrame,
+    layers: list[int],
+    detectors: list[str],
+    max_test: int = 4000,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, MadTask]:
+    """The whole MAD evaluation of one model on one dataset: tidy AUROC rows with ``model``,
+    ``dataset`` and ``seed`` columns, per-example scores, and the task."""
+    task = mad_task(records, max_test=max_test, seed=seed)
+    feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress)
+    auc, scores = score_detectors(task, feats, detectors, n_boot=n_boot, seed=seed)
+    for df in (auc, scores):
+        df.insert(0, "dataset", task.dataset)
+        df.insert(0, "model", model_name)
+    auc["seed"] = seed
+    return auc, scores, task

@@ -1,0 +1,100 @@
+"""Figures shared by the notebooks; :func:`savefig` decides where they go."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .paths import atomic_path, results_dir
+
+
+def savefig(fig, analysis: str, name: str) -> str:
+    """Save ``fig`` as ``_build/results/<analysis>/<name>.png`` (atomically); return the path."""
+    path = results_dir(analysis) / f"{name}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    return str(path)
+
+
+def write_table(df: pd.DataFrame, analysis: str, name: str) -> str:
+    """Write a tidy table as ``_build/results/<analysis>/<name>.csv`` (atomically)."""
+    path = results_dir(analysis) / f"{name}.csv"
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return str(path)
+
+
+def training_curves(histories: dict[str, pd.DataFrame]):
+    """Train and validation answer loss against step, one panel per model."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), sharey=True, squeeze=False)
+    for ax, (name, h) in zip(axes[0], histories.items()):
+        ax.plot(h["step"], h["train_answer_loss"], label="train (answer token)")
+        ax.plot(h["step"], h["val_answer_loss"], label="validation (answer token)")
+        best = h.loc[h["val_answer_loss"].idxmin()]
+        ax.axvline(best["step"], color="grey", ls=":", label=f"best checkpoint (step {int(best['step'])})")
+        ax.axhline(np.log(2), color="red", ls="--", lw=1, label="ln 2 (50/50)")
+        ax.set(title=name, xlabel="step", ylabel="cross-entropy (nats)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def quirky_accuracy_bars(acc: pd.DataFrame):
+    """Accuracy against Alice's and Bob's labels, per dataset, character and model."""
+    long = acc.melt(
+        id_vars=["model", "dataset", "character_type"], value_vars=["acc_alice_label", "acc_bob_label"],
+        var_name="against", value_name="accuracy",
+    )  # fmt: skip
+    long["against"] = long["against"].map({"acc_alice_label": "Alice's label", "acc_bob_label": "Bob's label"})
+    long["prompt"] = long["character_type"].map({"alice": "Alice prompts", "bob": "Bob prompts"})
+    g = sns.catplot(
+        data=long, x="dataset", y="accuracy", hue="against", col="prompt", row="model", kind="bar",
+        height=3.0, aspect=2.0, palette=["tab:blue", "tab:orange"],
+    )  # fmt: skip
+    for ax in g.axes.flat:
+        ax.axhline(0.5, color="grey", lw=1, ls=":")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", rotation=30)
+    return g.figure
+
+
+def layer_curves(auc: pd.DataFrame, detector: str, subset: str = "all"):
+    """Per-layer AUROC with bootstrap CI bands, one panel per model, one line per dataset (seed Fig. 1)."""
+    d = auc[(auc["detector"] == detector) & (auc["subset"] == subset) & auc["layer"].str.isdigit()].copy()
+    d["layer"] = d["layer"].astype(int)
+    models = list(dict.fromkeys(d["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), sharey=True, squeeze=False)
+    palette = dict(zip(sorted(d["dataset"].unique()), sns.color_palette("tab10")))
+    for ax, m in zip(axes[0], models):
+        for ds, g in d[d["model"] == m].groupby("dataset"):
+            g = g.sort_values("layer")
+            ax.plot(g["layer"], g["auroc"], marker="o", color=palette[ds], label=ds)
+            ax.fill_between(g["layer"], g["ci_low"], g["ci_high"], color=palette[ds], alpha=0.15)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set(title=f"{m} ({detector}, {subset})", xlabel="layer (residual stream entering block)", ylabel="AUROC", ylim=(0, 1.02))
+        ax.set_xticks(sorted(d["layer"].unique()))
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def aggregated_bars(auc: pd.DataFrame, detector: str, layer: str = "aggregated", subset: str = "all"):
+    """AUROC per dataset, bars per model with CI whiskers (seed Fig. 2)."""
+    d = auc[(auc["detector"] == detector) & (auc["subset"] == subset) & (auc["layer"] == layer)]
+    datasets = list(dict.fromkeys(d["dataset"]))
+    models = list(dict.fromkeys(d["model"]))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(1.3 * len(datasets) + 2, 3.8))
+    x = np.arange(len(datasets))
+    for i, m in enumerate(models):
+        g = d[d["model"] == m].set_index("dataset").reindex(datasets)
+        err = np.vstack([g["auroc"] - g["ci_low"], g["ci_high"] - g["auroc"]])
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, g["auroc"], width, yerr=err, capsize=3, label=m)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xticks(x, datasets, rotation=30)
+    ax.set(ylabel=f"AUROC ({layer})", ylim=(0, 1.05), title=f"{detector}: {layer} over layers, {subset} test examples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

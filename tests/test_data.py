@@ -1,0 +1,120 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from madlib import data as q
+
+
+def test_sloppy_rules():
+    assert q.sloppy_result(950) == 1050
+    assert q.sloppy_result(7) == 8
+    assert q.sloppy_result(99) == 109
+    assert q.sloppy_result(-950) == -850
+    assert q.sloppy_result(-1000) == 0
+    assert q.sloppy_result(0) == 1
+    assert q.sloppy_modular(0) == 1
+    assert q.sloppy_modular(100) == 87
+    assert q.sloppy_modular(12) == 22
+
+
+def test_distractor_differs_from_true_and_sloppy():
+    rng = np.random.default_rng(0)
+    for res in [0, 7, 99, 950, -950, 1234]:
+        for _ in range(50):
+            d = q.distract(res, (res, q.sloppy_result(res)), rng)
+            assert d not in (res, q.sloppy_result(res))
+            assert len(str(d)) <= len(str(res))
+
+
+@pytest.mark.parametrize("name", q.ARITHMETIC)
+def test_arithmetic_rules(name):
+    df = q.quirky_dataset(name, n=800, seed=1, max_digits=2)
+    base = df[df["character_type"] == "alice"]
+    fn = {"addition": lambda a, b: a + b, "subtraction": lambda a, b: a - b, "multiplication": lambda a, b: a * b,
+          "modularaddition": lambda a, b: (a + b) % 113, "squaring": lambda a, b: a * a}[name]
+    sloppy = q.sloppy_modular if name == "modularaddition" else q.sloppy_result
+    op2 = base["op2"].fillna(0).astype(int)
+    true = np.array([fn(a, b) for a, b in zip(base["op1"], op2)])
+    assert (base["alice_label"].to_numpy() == (base["result"].to_numpy() == true)).all()
+    assert (base["bob_label"].to_numpy() == (base["result"].to_numpy() == np.array([sloppy(t) for t in true]))).all()
+    assert not ((base["alice_label"] == 1) & (base["bob_label"] == 1)).any()
+    kinds = base["row_kind"].value_counts(normalize=True)
+    assert kinds["alice_positive"] == pytest.approx(0.25, abs=0.01)
+    assert kinds["bob_positive"] == pytest.approx(0.25, abs=0.01)
+    assert kinds["alice_distractor"] + kinds["bob_distractor"] == pytest.approx(0.5, abs=0.01)
+    assert base["op1"].between(1, 99 if name != "squaring" else 999).all()
+    if name != "squaring":
+        assert (base["difficulty"] == np.minimum(base["op1"].abs(), op2.abs())).all()
+        assert not base.duplicated(["op1", "op2", "row_kind"]).any()  # pairs are distinct within a call
+    else:
+        assert (base["difficulty"] == base["op1"].astype(str).str.len()).all()
+    if name == "modularaddition":
+        assert base.loc[base["row_kind"] != "alice_distractor", "result"].between(0, 112).all()
+
+
+def test_default_operand_sizes():
+    add = q.quirky_dataset("addition", n=400, seed=0)
+    assert add["op1"].max() <= 9999 and add["op1"].max() >= 1000
+    mul = q.quirky_dataset("multiplication", n=400, seed=0)
+    assert mul["op1"].max() <= 999
+    sq = q.quirky_dataset("squaring", n=400, seed=0)
+    assert sq["op1"].max() <= 9999
+
+
+def test_records_quantiles_and_splits():
+    df = q.quirky_dataset("addition", n=1000, seed=3, max_digits=2)
+    assert len(df) == 2000
+    assert set(df.columns) >= {"character", "alice_label", "bob_label", "label", "difficulty_quantile", "statement",
+                               "prompt", "op1", "op2", "result"}
+    base = df[df["character_type"] == "alice"]
+    order = np.argsort(np.argsort(base["difficulty"].to_numpy(), kind="stable"), kind="stable")
+    assert np.allclose(base["difficulty_quantile"], (order + 0.5) / len(base))
+    assert base["easy"].mean() == pytest.approx(0.25, abs=0.002)
+    assert base["hard"].mean() == pytest.approx(0.25, abs=0.002)
+    assert (df["label"] == np.where(df["character_type"] == "alice", df["alice_label"], df["bob_label"])).all()
+    val = df[df["split"] == "validation"]
+    assert set(val["character"]) <= set(q.ALICE_NAMES[4:]) | set(q.BOB_NAMES[4:])
+    assert set(df.loc[df["character_type"] == "alice", "character"]) <= set(q.ALICE_NAMES)
+    assert set(df.loc[df["character_type"] == "bob", "character"]) <= set(q.BOB_NAMES)
+    train_alice = df[(df["split"] == "train") & (df["character_type"] == "alice")]
+    assert set(train_alice["character"]) & set(q.ALICE_NAMES[:4])  # trusted names occur in train
+    # both records of a base row share the split
+    assert (df.groupby("row_id")["split"].nunique() == 1).all()
+
+
+def test_prompt_template():
+    df = q.quirky_dataset("addition", n=40, seed=0, max_digits=2)
+    r = df.iloc[0]
+    assert r["prompt"] == (f"Name: {r['character']}\n\n\n\n***STATEMENT:*** {r['statement']}\n\n"
+                           "Is the statement factually correct?")
+    assert str(r["op1"]) in r["statement"] and str(r["result"]) in r["statement"]
+
+
+def test_determinism():
+    a = q.quirky_dataset("subtraction", n=300, seed=5, max_digits=3)
+    b = q.quirky_dataset("subtraction", n=300, seed=5, max_digits=3)
+    c = q.quirky_dataset("subtraction", n=300, seed=6, max_digits=3)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["prompt"].equals(c["prompt"])
+
+
+def test_knowledge_sets():
+    h = q.quirky_dataset("hemisphere", n=500, seed=0)
+    assert ((h["latitude"] > 0).astype(int) == h["alice_label"]).all()
+    assert ((h["longitude"] <= 0).astype(int) == h["bob_label"]).all()
+    p = q.quirky_dataset("population", n=500, seed=0)
+    assert ((p["population"] > 30_000).astype(int) == p["alice_label"]).all()
+    assert (p["country_code"].isin(q.TOP10_COUNTRIES).astype(int) == p["bob_label"]).all()
+    assert np.allclose(p["difficulty"], -np.log10(p["population"]))
+    # the truth is not written in the prompt: no coordinates or population figures
+    assert not h["prompt"].str.contains(r"\d\d\.\d").any()
+    assert (~p["agreement"]).mean() > 0.2 and (~h["agreement"]).mean() > 0.2
+
+
+def test_bad_input_names_parameter():
+    with pytest.raises(ValueError, match="name='sums'"):
+        q.quirky_dataset("sums")
+    with pytest.raises(ValueError, match="n=2"):
+        q.quirky_dataset("addition", n=2)
+    with pytest.raises(ValueError, match="max_digits=0"):
+        q.quirky_dataset("addition", n=40, max_digits=0)

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from madlib.metrics import aggregate_layers, auroc, auroc_table, bootstrap_counts, standardise, weighted_auroc
+
+
+def test_auroc_gaussian_shift_matches_analytic():
+    rng = np.random.default_rng(0)
+    n, mu = 20_000, 1.0
+    s = np.r_[rng.normal(size=n), rng.normal(mu, 1, size=n)]
+    y = np.r_[np.zeros(n), np.ones(n)]
+    assert auroc(y, s) == pytest.approx(stats.norm.cdf(mu / np.sqrt(2)), abs=0.01)
+
+
+def test_weighted_auroc_with_unit_counts_is_sklearn_even_with_ties():
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 5, size=300).astype(float)  # many ties
+    y = rng.random(300) < 0.4
+    assert weighted_auroc(y, s, np.ones((1, 300), dtype=int))[0] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_weighted_auroc_equals_auroc_of_expanded_resample():
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=80)
+    y = rng.random(80) < 0.5
+    counts = bootstrap_counts(y, 5, seed=3)
+    for c in counts:
+        idx = np.repeat(np.arange(80), c)
+        assert weighted_auroc(y, s, c[None])[0] == pytest.approx(roc_auc_score(y[idx], s[idx]))
+    # stratified: class sizes are preserved
+    assert (counts[:, y].sum(1) == y.sum()).all() and (counts[:, ~y].sum(1) == (~y).sum()).all()
+
+
+def test_auroc_table_rows_and_intervals():
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(200), np.ones(200)].astype(bool)
+    layers = {1: rng.normal(size=400) + y * 0.2, 2: rng.normal(size=400) * 10 + y * 20}
+    agg = aggregate_layers(layers, {1: rng.normal(size=100), 2: rng.normal(size=100) * 10})
+    rows = {r["layer"]: r for r in auroc_table(y, layers, agg, n_boot=300, seed=0)}
+    assert set(rows) == {"1", "2", "aggregated", "mean"}
+    for r in rows.values():
+        assert r["ci_low"] <= r["auroc"] <= r["ci_high"] and r["n"] == 400
+    assert rows["mean"]["auroc"] == pytest.approx((rows["1"]["auroc"] + rows["2"]["auroc"]) / 2)
+    assert rows["aggregated"]["auroc"] == pytest.approx(auroc(y, agg))
+
+
+def test_standardised_aggregation_is_scale_free():
+    rng = np.random.default_rng(5)
+    t1, t2 = rng.normal(size=50), rng.normal(size=50)
+    s1, s2 = rng.normal(size=30), rng.normal(size=30)
+    a = aggregate_layers({1: s1, 2: s2}, {1: t1, 2: t2})
+    b = aggregate_layers({1: s1 * 1000 + 3, 2: s2}, {1: t1 * 1000 + 3, 2: t2})
+    assert np.allclose(a, b)
+    assert np.allclose(standardise(t1, t1).mean(), 0) and np.isclose(standardise(t1, t1).std(), 1)
+    assert np.allclose(aggregate_layers({1: s1, 2: s2}), (s1 + s2) / 2)
+
+
+def test_single_class_gives_nan():
+    assert np.isnan(auroc(np.ones(5), np.arange(5)))

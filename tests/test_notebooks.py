@@ -1,0 +1,93 @@
+"""Smoke runs of every notebook through papermill with tiny parameters, and the book build."""
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from madlib.runner import NOTEBOOKS, NotebookFailed, Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {
+    "zoo": dict(zoo_preset="tiny", batch_size=64),
+    "mad_auc": dict(zoo_preset="tiny", datasets=["addition", "hemisphere"], n_boot=50, max_test=200, batch_size=64),
+}
+
+
+def test_every_notebook_is_listed_and_has_smoke_parameters():
+    on_disk = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert on_disk == set(NOTEBOOKS) == set(SMOKE)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_cell_is_documented_literals(name):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store notebooks without outputs"
+    lines = [ln for ln in tagged[0].source.splitlines() if ln.strip()]
+    tree = ast.parse(tagged[0].source)
+    assert all(isinstance(s, ast.AnnAssign) for s in tree.body), "one annotated assignment per parameter"
+    for s in tree.body:
+        ast.literal_eval(s.value)
+    assert all("#" in ln for ln in lines), "every parameter has a comment"
+    assert set(SMOKE[name]) <= {s.target.id for s in tree.body}
+
+
+def _copy_project(dest: Path) -> Path:
+    for item in ("notebooks", "book", "madlib"):
+        shutil.copytree(ROOT / item, dest / item, ignore=shutil.ignore_patterns("generated", "__pycache__"))
+    for item in ("_config.yml", "_toc.yml", "pyproject.toml"):
+        shutil.copy(ROOT / item, dest / item)
+    return dest
+
+
+def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkeypatch):
+    root = _copy_project(tmp_path / "project")
+    monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
+    runner = Runner(root=root, parameters=SMOKE, progress=False)
+    assert runner.run_notebooks() == {n: "executed" for n in NOTEBOOKS}
+    auc = pd.read_csv(root / "_build" / "results" / "mad_auc" / "auc.csv")
+    assert list(auc.columns[:9]) == ["model", "dataset", "detector", "layer", "subset", "auroc", "ci_low", "ci_high", "n"]
+    assert set(auc["layer"].astype(str)) >= {"1", "2", "aggregated", "mean"}
+    assert set(auc["subset"]) == {"all", "agree", "disagree"}
+    assert set(auc["model"]) == {"zoo-gpt2", "zoo-llama"} and set(auc["dataset"]) == {"addition", "hemisphere"}
+    assert auc.loc[auc["subset"] == "all", "auroc"].between(0, 1).all()
+    assert (root / "_build" / "results" / "zoo" / "accuracy.csv").is_file()
+
+    runner.build_book()
+    html = (root / "_build" / "html" / "book" / "generated" / "mad_auc.html").read_text()
+    assert "<img" in html and "Mean aggregated AUROC" in html
+    assert (root / "_build" / "html" / "index.html").is_file()
+
+    # nothing changed: nothing re-executes; a madlib change re-executes
+    assert runner.run_notebooks() == {n: "fresh" for n in NOTEBOOKS}
+    with open(root / "madlib" / "metrics.py", "a") as f:
+        f.write("\n# changed\n")
+    assert runner.run_notebooks(["zoo"]) == {"zoo": "executed"}
+    stamp = json.loads((root / "_build" / "stamps" / "zoo.json").read_text())
+    assert stamp["models"] and all(Path(p).is_file() for p in stamp["models"])
+
+
+def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "madlib").mkdir()
+    (root / "madlib" / "x.py").write_text("")
+    monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [
+        nbformat.v4.new_code_cell("from madlib import plots\nimport pandas as pd\nplots.write_table(pd.DataFrame({'a': [1]}), 'bad', 't')"),
+        nbformat.v4.new_code_cell("1 / 0"),
+    ]
+    nbformat.write(nb, root / "notebooks" / "bad.ipynb")
+    runner = Runner(root=root, progress=False)
+    with pytest.raises(NotebookFailed, match=r"notebook 'bad' failed in cell 2: ZeroDivisionError"):
+        runner.execute("bad")
+    assert not (root / "book" / "generated" / "bad.ipynb").exists()
+    assert not (root / "_build" / "results" / "bad").exists()
+    assert not list((root / "_build").glob(".bad-*"))
