@@ -1,0 +1,9 @@
+"""madlib: the helper library of the MAD / SAE research compendium.
+
+Modules: ``data`` (quirky datasets), ``tokenizer`` and ``zoo`` (the embedded models), ``activations``
+(last-token residual extraction), ``detectors`` (anomaly detectors), ``metrics`` (AUROC, layer
+aggregation, bootstrap), ``mad`` (the MAD task), ``plots`` (figures and tables), ``runner``
+(papermill + Jupyter Book).
+"""
+
+__version__ = "0.1.0"

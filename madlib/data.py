@@ -208,7 +208,7 @@ def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: int) -> 
     return out
 
 
-def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: int) -> pd.DataFrame:
+def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: int, n_templates: int) -> pd.DataFrame:
     """Four generation calls of equal size: Alice-positive, Bob-positive, Alice and Bob distractors."""
     op = _OPS[name]
     per_call = math.ceil(n / 4)
@@ -234,7 +234,7 @@ def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: in
     df = pd.DataFrame(rows)
     df = df.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True).iloc[:n]
     df["op2"] = df["op2"].astype("Int64")
-    df["template"] = rng.integers(len(op.templates), size=len(df))
+    df["template"] = rng.integers(n_templates, size=len(df))
     df["context"] = ""
     df["statement"] = [
         op.templates[t].format(op1=a, op2=b, result=r)
@@ -264,7 +264,7 @@ def cities() -> pd.DataFrame:
     return df.sort_values(["city", "country_code", "population"]).reset_index(drop=True)
 
 
-def _knowledge_rows(name: str, n: int, rng: np.random.Generator) -> pd.DataFrame:
+def _knowledge_rows(name: str, n: int, rng: np.random.Generator, n_templates: int) -> pd.DataFrame:
     table = cities()
     if n > len(table):
         raise ValueError(f"n={n} exceeds the {len(table)} cities available for dataset {name!r}")
@@ -277,7 +277,7 @@ def _knowledge_rows(name: str, n: int, rng: np.random.Generator) -> pd.DataFrame
         df["bob_label"] = df["country_code"].isin(TOP10_COUNTRIES).astype(int)
     df["difficulty"] = -np.log10(df["population"].to_numpy(dtype=float))
     templates = _KNOWLEDGE_TEMPLATES[name]
-    df["template"] = rng.integers(len(templates), size=len(df))
+    df["template"] = rng.integers(n_templates, size=len(df))
     df["context"] = [templates[t][0].format(city=c, country=k) for t, c, k in zip(df["template"], df["city"], df["country"])]
     df["statement"] = [templates[t][1].format(city=c) for t, c in zip(df["template"], df["city"])]
     return df
@@ -295,6 +295,7 @@ def quirky_dataset(
     seed: int = 633,
     max_digits: int | None = None,
     validation_fraction: float = VALIDATION_FRACTION,
+    n_templates: int | None = None,
 ) -> pd.DataFrame:
     """A quirky dataset as a DataFrame of records (two per base row, one per character).
 
@@ -304,6 +305,8 @@ def quirky_dataset(
         seed: all randomness (operands, templates, names, split) derives from it.
         max_digits: operand size for arithmetic sets (default: the seed's, 4 or 3 for x).
         validation_fraction: share of base rows in the ``validation`` split.
+        n_templates: draw each record's statement template from the first ``n_templates`` of the
+            dataset's ten (default: all ten, as the seeds do).
 
     Columns: ``row_id, split, character, character_type, alice_label, bob_label, label,
     agreement, difficulty, difficulty_quantile, easy, hard, context, statement, prompt`` (plus
@@ -316,14 +319,19 @@ def quirky_dataset(
         raise ValueError(f"n={n!r} is not accepted; give an integer >= 4")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} is not accepted; give a number in (0, 1)")
+    n_available = len(_OPS[name].templates) if name in ARITHMETIC else len(_KNOWLEDGE_TEMPLATES[name])
+    if n_templates is None:
+        n_templates = n_available
+    if not isinstance(n_templates, (int, np.integer)) or not 1 <= n_templates <= n_available:
+        raise ValueError(f"n_templates={n_templates!r} is not accepted; give an integer in 1..{n_available}")
     rng = np.random.default_rng([seed, DATASETS.index(name)])
     if name in ARITHMETIC:
         digits = _OPS[name].default_digits if max_digits is None else max_digits
         if not isinstance(digits, (int, np.integer)) or digits < 1:
             raise ValueError(f"max_digits={max_digits!r} is not accepted; give an integer >= 1")
-        base = _arithmetic_rows(name, n, rng, digits)
+        base = _arithmetic_rows(name, n, rng, digits, n_templates)
     else:
-        base = _knowledge_rows(name, n, rng)
+        base = _knowledge_rows(name, n, rng, n_templates)
     base["difficulty_quantile"] = difficulty_quantile(base["difficulty"].to_numpy())
     base["row_id"] = np.arange(len(base))
     split_rng = np.random.default_rng([seed, DATASETS.index(name), SPLIT_SEED_OFFSET])
@@ -347,5 +355,5 @@ def quirky_dataset(
     df["hard"] = df["difficulty_quantile"] >= HARD_QUANTILE
     df["prompt"] = [prompt(c, x, s) for c, x, s in zip(df["character"], df["context"], df["statement"])]
     df.insert(0, "dataset", name)
-    df.attrs.update(name=name, n=n, seed=seed, max_digits=max_digits)
+    df.attrs.update(name=name, n=n, seed=seed, max_digits=max_digits, n_templates=n_templates)
     return df.reset_index(drop=True)

@@ -27,15 +27,20 @@ def write_table(df: pd.DataFrame, analysis: str, name: str) -> str:
 
 
 def training_curves(histories: dict[str, pd.DataFrame]):
-    """Train and validation answer loss against step, one panel per model."""
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), sharey=True, squeeze=False)
-    for ax, (name, h) in zip(axes[0], histories.items()):
-        ax.plot(h["step"], h["train_answer_loss"], label="train (answer token)")
-        ax.plot(h["step"], h["val_answer_loss"], label="validation (answer token)")
-        best = h.loc[h["val_answer_loss"].idxmin()]
-        ax.axvline(best["step"], color="grey", ls=":", label=f"best checkpoint (step {int(best['step'])})")
+    """Per model: pretraining next-token loss (top) and quirky fine-tuning answer loss (bottom)."""
+    fig, axes = plt.subplots(2, len(histories), figsize=(5 * len(histories), 6.5), squeeze=False)
+    for col, (name, h) in enumerate(histories.items()):
+        pre, ft = h[h["phase"] == "pretrain"], h[h["phase"] == "finetune"]
+        ax = axes[0][col]
+        ax.plot(pre["step"], pre["train_lm_loss"], color="tab:green")
+        ax.set(title=f"{name}: pretraining on fact sentences", xlabel="step", ylabel="next-token loss (nats)")
+        ax = axes[1][col]
+        ax.plot(ft["step"], ft["train_answer_loss"], label="train (answer token)")
+        ax.plot(ft["step"], ft["val_answer_loss"], label="validation (answer token)")
+        best = ft.loc[ft["val_answer_loss"].idxmin()]
+        ax.axvline(best["step"], color="grey", ls=":", label=f"kept checkpoint (step {int(best['step'])})")
         ax.axhline(np.log(2), color="red", ls="--", lw=1, label="ln 2 (50/50)")
-        ax.set(title=name, xlabel="step", ylabel="cross-entropy (nats)")
+        ax.set(title=f"{name}: quirky fine-tuning", xlabel="step", ylabel="cross-entropy (nats)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -54,9 +54,13 @@ class ZooConfig:
     datasets: tuple[str, ...] = qdata.DATASETS  # quirky datasets trained on
     n_rows: int = 8000  # base rows per dataset (two records each)
     max_digits: int = 2  # operand size of the arithmetic sets (the seed uses 3-4)
-    steps: int = 1500  # optimizer steps
-    batch_size: int = 128  # records per step
-    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    n_templates: int = 1  # statement templates per dataset (the seed draws from ten)
+    pretrain_steps: int = 2000  # optimizer steps of pretraining on fact sentences (0 = none)
+    pretrain_batch_size: int = 256  # sentences per pretraining step
+    pretrain_lr: float = 3e-3  # peak learning rate of pretraining
+    steps: int = 1000  # optimizer steps of quirky fine-tuning
+    batch_size: int = 64  # records per fine-tuning step
+    lr: float = 1e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
     lm_loss_weight: float = 0.1  # weight of next-character loss on the prompt (answer loss = 1)
@@ -71,6 +75,8 @@ class ZooConfig:
             qdata._check_choice("datasets", d, qdata.DATASETS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
+        if self.pretrain_steps < 0:
+            raise ValueError(f"pretrain_steps={self.pretrain_steps!r} is not accepted; give an integer >= 0")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
@@ -116,7 +122,10 @@ ZOO: dict[str, ZooConfig] = {
 PRESETS: dict[str, dict] = {
     "default": {},
     # A few seconds per model: for tests and smoke runs of the notebooks, not for conclusions.
-    "tiny": dict(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_rows=400, steps=30, batch_size=32, eval_every=15, n_val=64),
+    "tiny": dict(
+        n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_rows=400, pretrain_steps=20, pretrain_batch_size=32, steps=30,
+        batch_size=32, eval_every=15, n_val=64,
+    ),  # fmt: skip
 }
 
 
@@ -156,10 +165,45 @@ def model_dir(cfg: ZooConfig, name: str = "zoo") -> Path:
 def training_records(cfg: ZooConfig) -> pd.DataFrame:
     """All records of the zoo datasets (both splits), with dataset names."""
     frames = [
-        qdata.quirky_dataset(d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if d in qdata.ARITHMETIC else None)
+        qdata.quirky_dataset(
+            d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if d in qdata.ARITHMETIC else None,
+            n_templates=cfg.n_templates,
+        )  # fmt: skip
         for d in cfg.datasets
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+class FactSentences:
+    """True sentences for pretraining: arithmetic facts in each arithmetic dataset's first statement
+    template (operands log-uniform as in the datasets, or uniform, half and half, so large operands
+    are common), and facts about the cities of the knowledge datasets (country, hemisphere, side of
+    the prime meridian, population above or below 30,000), for every city of both splits."""
+
+    def __init__(self, cfg: ZooConfig, records: pd.DataFrame, seed: int):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+        cities = records.loc[records["dataset"].isin(qdata.KNOWLEDGE)].drop_duplicates(["city", "country"])
+        self.city_facts = [
+            f"{c} is a city in {k}. It is in the {'northern' if lat > 0 else 'southern'} hemisphere, "
+            f"{'west' if lon <= 0 else 'east'} of Greenwich, with {'more' if pop > qdata.POPULATION_THRESHOLD else 'fewer'} "
+            "than 30,000 inhabitants."
+            for c, k, lat, lon, pop in zip(cities.get("city", []), cities.get("country", []), cities.get("latitude", []),
+                                           cities.get("longitude", []), cities.get("population", []))
+        ]  # fmt: skip
+
+    def sample(self, n: int, name: str) -> list[str]:
+        """``n`` facts of the kind dataset ``name`` needs."""
+        rng, cfg, out = self.rng, self.cfg, []
+        for _ in range(n):
+            if name in qdata.ARITHMETIC:
+                op = qdata._OPS[name]
+                digits = cfg.max_digits if op.arity == 2 else cfg.max_digits + 1
+                ops = [int(10 ** (rng.uniform() * digits)) if rng.uniform() < 0.5 else int(rng.integers(1, 10**digits)) for _ in range(op.arity)]
+                out.append(op.templates[0].format(op1=ops[0], op2=ops[-1], result=op.fn(*ops)))
+            else:
+                out.append(self.city_facts[int(rng.integers(len(self.city_facts)))])
+        return out
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
@@ -210,14 +254,16 @@ def train(cfg: ZooConfig, progress: bool = True) -> tuple["HookedTransformer", p
     y_val = torch.tensor(np.where(val_df["label"].to_numpy() == 1, yes_id, no_id))
 
     model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(tok))
+    t0 = time.perf_counter()
+    history = pretrain(model, cfg, recs, progress=progress)
+    base_state = copy.deepcopy(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, best, best_loss, acc_sum = [], None, float("inf"), []
-    t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"training zoo-{cfg.family}", disable=not progress, mininterval=2)
+    best, best_loss = None, float("inf")
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"quirky fine-tuning zoo-{cfg.family}", disable=not progress, mininterval=2)
     running = []
     for step in bar:
         model.train()
@@ -244,14 +290,48 @@ def train(cfg: ZooConfig, progress: bool = True) -> tuple["HookedTransformer", p
             v_acc = float(sum(p[2] * wi for p, wi in zip(parts, w)) / w.sum())
             r = np.mean(running, axis=0)
             running = []
-            history.append(dict(step=step, train_answer_loss=r[0], train_lm_loss=r[1], train_acc=r[2], val_answer_loss=v_loss, val_acc=v_acc, seconds=time.perf_counter() - t0))
+            history.append(dict(phase="finetune", step=step, train_answer_loss=r[0], train_lm_loss=r[1], train_acc=r[2], val_answer_loss=v_loss, val_acc=v_acc, seconds=time.perf_counter() - t0))
             if v_loss < best_loss:
                 best_loss, best = v_loss, (step, copy.deepcopy(model.state_dict()))
             bar.set_postfix(val_loss=f"{v_loss:.3f}", val_acc=f"{v_acc:.3f}")
     model.load_state_dict(best[1])
     model.eval()
     summary = dict(best_step=best[0], best_val_answer_loss=best_loss, train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads())
+    model.base_state_dict = base_state
     return model, pd.DataFrame(history), summary
+
+
+def pretrain(model, cfg: ZooConfig, records: pd.DataFrame, progress: bool = True) -> list[dict]:
+    """Next-token training on fact sentences (the zoo's counterpart of a pretrained base model)."""
+    if cfg.pretrain_steps == 0:
+        return []
+    tok = build_tokenizer()
+    pad_id = tok.token_to_id(PAD)
+    facts = FactSentences(cfg, records, seed=cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    n = cfg.pretrain_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, n) / n)))
+    history, running = [], []
+    t0 = time.perf_counter()
+    model.train()
+    for step in tqdm(range(1, n + 1), desc=f"pretraining zoo-{cfg.family}", disable=not progress, mininterval=2):
+        # one kind of fact per step, in turn, so batches carry little padding
+        tokens, lengths = pad_batch(encode(facts.sample(cfg.pretrain_batch_size, cfg.datasets[step % len(cfg.datasets)]), tok), pad_id)
+        logits = model(tokens, return_type="logits")
+        mask = torch.arange(tokens.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        loss = (lm * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if step % cfg.eval_every == 0 or step == n:
+            history.append(dict(phase="pretrain", step=step, train_lm_loss=float(np.mean(running)), seconds=time.perf_counter() - t0))
+            running = []
+    model.eval()
+    return history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +354,8 @@ def save(model, cfg: ZooConfig, history: pd.DataFrame, summary: dict, path: Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if getattr(model, "base_state_dict", None) is not None:
+        save_file({k: v.contiguous() for k, v in model.base_state_dict.items()}, tmp / "base.safetensors")
     meta = dict(name=path.name, cache_key=cache_key(cfg), zoo_config=cfg.to_dict(), seed=cfg.seed, data_seed=cfg.data_seed, summary=summary)
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     build_tokenizer().save(str(tmp / "tokenizer.json"))
@@ -336,5 +418,6 @@ def model_records(model, dataset: str) -> pd.DataFrame:
     cfg: ZooConfig = model.zoo_config
     qdata._check_choice("datasets", dataset, qdata.DATASETS)
     return qdata.quirky_dataset(
-        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if dataset in qdata.ARITHMETIC else None
-    )
+        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if dataset in qdata.ARITHMETIC else None,
+        n_templates=cfg.n_templates,
+    )  # fmt: skip

@@ -118,3 +118,13 @@ def test_bad_input_names_parameter():
         q.quirky_dataset("addition", n=2)
     with pytest.raises(ValueError, match="max_digits=0"):
         q.quirky_dataset("addition", n=40, max_digits=0)
+
+
+def test_n_templates_restricts_statements():
+    one = q.quirky_dataset("addition", n=200, seed=0, max_digits=2, n_templates=1)
+    assert (one["template"] == 0).all()
+    assert one["statement"].str.fullmatch(r"\d+ \+ \d+ = -?\d+\.").all()
+    every = q.quirky_dataset("addition", n=400, seed=0, max_digits=2)
+    assert every["template"].nunique() == 10
+    with pytest.raises(ValueError, match="n_templates=11"):
+        q.quirky_dataset("addition", n=40, n_templates=11)
