@@ -74,6 +74,8 @@ def extract(
     """Residual stream at ``layers`` and answer log-odds at each prompt's last token."""
     n_layers = model.cfg.n_layers
     hooks = {hook_name(layer, n_layers): layer for layer in layers}
+    if len(prompts) == 0:
+        return Extraction({layer: torch.zeros(0, model.cfg.d_model) for layer in layers}, torch.zeros(0))
     seqs = tokenize_prompts(model, prompts)
     tok = build_tokenizer()
     pad_id = tok.token_to_id(PAD) if getattr(model, "zoo_config", None) is not None else (model.tokenizer.pad_token_id or 0)

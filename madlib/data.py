@@ -188,13 +188,13 @@ def _check_choice(param: str, value, accepted) -> None:
         raise ValueError(f"{param}={value!r} is not accepted; choose one of {list(accepted)}")
 
 
-def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: int) -> list[tuple[int, ...]]:
+def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: float) -> list[tuple[int, ...]]:
     """``n`` log-uniform operand tuples. Binary pairs are distinct (a repeated pair is redrawn);
     unary operands may repeat, as in the unary generator (500k rows over at most 9,999 values)."""
     seen: set[tuple[int, ...]] = set()
     out: list[tuple[int, ...]] = []
     digits = max_digits if arity == 2 else max_digits + 1
-    capacity = (10**digits - 1) ** arity
+    capacity = (int(10**digits) - 1) ** arity
     if arity == 1:
         return [(int(10 ** (u * digits)),) for u in rng.uniform(size=n)]
     if n > capacity // 2:
@@ -208,7 +208,7 @@ def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: int) -> 
     return out
 
 
-def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: int, n_templates: int) -> pd.DataFrame:
+def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: float, n_templates: int) -> pd.DataFrame:
     """Four generation calls of equal size: Alice-positive, Bob-positive, Alice and Bob distractors."""
     op = _OPS[name]
     per_call = math.ceil(n / 4)
@@ -293,7 +293,7 @@ def quirky_dataset(
     name: str,
     n: int = 4000,
     seed: int = 633,
-    max_digits: int | None = None,
+    max_digits: float | None = None,
     validation_fraction: float = VALIDATION_FRACTION,
     n_templates: int | None = None,
 ) -> pd.DataFrame:
@@ -303,7 +303,9 @@ def quirky_dataset(
         name: one of :data:`DATASETS`.
         n: number of base rows (so ``2 n`` records).
         seed: all randomness (operands, templates, names, split) derives from it.
-        max_digits: operand size for arithmetic sets (default: the seed's, 4 or 3 for x).
+        max_digits: operand size for arithmetic sets: operands are ``int(10 ** (U * max_digits))``
+            (``max_digits + 1`` for squaring); default the seed's (4, 3 for multiplication and
+            squaring). Non-integer values give intermediate ranges (1.5: operands 1..31).
         validation_fraction: share of base rows in the ``validation`` split.
         n_templates: draw each record's statement template from the first ``n_templates`` of the
             dataset's ten (default: all ten, as the seeds do).
@@ -327,8 +329,8 @@ def quirky_dataset(
     rng = np.random.default_rng([seed, DATASETS.index(name)])
     if name in ARITHMETIC:
         digits = _OPS[name].default_digits if max_digits is None else max_digits
-        if not isinstance(digits, (int, np.integer)) or digits < 1:
-            raise ValueError(f"max_digits={max_digits!r} is not accepted; give an integer >= 1")
+        if isinstance(digits, bool) or not isinstance(digits, (int, float, np.integer, np.floating)) or not digits > 0:
+            raise ValueError(f"max_digits={max_digits!r} is not accepted; give a number > 0")
         base = _arithmetic_rows(name, n, rng, digits, n_templates)
     else:
         base = _knowledge_rows(name, n, rng, n_templates)

@@ -24,6 +24,8 @@ class Detector(ABC):
     """Fit on trusted features, score test features; higher = more anomalous, one score per layer."""
 
     name: str = "detector"
+    uses_untrusted: bool = False
+    """Offline detectors set this: ``fit`` then receives unlabelled untrusted features."""
 
     @abstractmethod
     def fit(self, trusted: Features, untrusted: Features | None = None) -> "Detector": ...

@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import data as qdata
 from .activations import Extraction, extract
-from .detectors import make_detector
+from .detectors import DETECTORS, make_detector
 from .metrics import aggregate_layers, auroc_table
 
 SUBSETS = ("all", "agree", "disagree")
@@ -70,12 +70,15 @@ class MadFeatures:
     test: Extraction
 
 
-def extract_task(model, task: MadTask, layers: list[int], batch_size: int = 128, progress: bool = True) -> MadFeatures:
-    """One forward pass per role and batch."""
+def extract_task(
+    model, task: MadTask, layers: list[int], batch_size: int = 128, progress: bool = True, untrusted: bool = True
+) -> MadFeatures:
+    """One forward pass per role and batch (the untrusted role only if ``untrusted``)."""
+    roles = (("trusted", task.trusted), ("untrusted", task.untrusted if untrusted else task.untrusted.iloc[:0]), ("test", task.test))
     return MadFeatures(
         *(
             extract(model, df["prompt"].tolist(), layers, batch_size=batch_size, progress=progress, desc=f"{task.dataset}/{role}")
-            for role, df in (("trusted", task.trusted), ("untrusted", task.untrusted), ("test", task.test))
+            for role, df in roles
         )
     )
 
@@ -98,7 +101,8 @@ def score_detectors(
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()
     for name in detectors:
-        det = make_detector(name).fit(feats.trusted.acts, feats.untrusted.acts)
+        det = make_detector(name)
+        det.fit(feats.trusted.acts, feats.untrusted.acts if det.uses_untrusted else None)
         test_scores = det.score(feats.test.acts)
         trusted_scores = det.score(feats.trusted.acts) if standardise else None
         agg = aggregate_layers(test_scores, trusted_scores)
@@ -126,7 +130,10 @@ def run_mad(
     """The whole MAD evaluation of one model on one dataset: tidy AUROC rows with ``model``,
     ``dataset`` and ``seed`` columns, per-example scores, and the task."""
     task = mad_task(records, max_test=max_test, seed=seed)
-    feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress)
+    for d in detectors:
+        make_detector(d)  # fail on an unknown name before any forward pass
+    needs_untrusted = any(DETECTORS[d].uses_untrusted for d in detectors)
+    feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress, untrusted=needs_untrusted)
     auc, scores = score_detectors(task, feats, detectors, n_boot=n_boot, seed=seed)
     for df in (auc, scores):
         df.insert(0, "dataset", task.dataset)

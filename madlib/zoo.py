@@ -47,24 +47,24 @@ class ZooConfig:
 
     family: Family = "gpt2"  # architecture family
     n_layers: int = 4  # transformer blocks
-    d_model: int = 96  # residual stream width
+    d_model: int = 64  # residual stream width
     n_heads: int = 4  # attention heads per block
-    d_mlp: int = 384  # MLP hidden width
+    d_mlp: int = 256  # MLP hidden width
     n_ctx: int = 128  # context length (tokens, BOS included)
     datasets: tuple[str, ...] = qdata.DATASETS  # quirky datasets trained on
-    n_rows: int = 8000  # base rows per dataset (two records each)
-    max_digits: int = 2  # operand size of the arithmetic sets (the seed uses 3-4)
+    n_rows: int = 1800  # base rows per dataset (two records each)
+    max_digits: float = 1.5  # binary operands int(10**(U*max_digits)), here 1..31; squaring gets the same range (the seed: 3-4 digits)
     n_templates: int = 1  # statement templates per dataset (the seed draws from ten)
-    pretrain_steps: int = 2000  # optimizer steps of pretraining on fact sentences (0 = none)
+    pretrain_steps: int = 0  # optimizer steps of pretraining on fact sentences (0 = none)
     pretrain_batch_size: int = 256  # sentences per pretraining step
     pretrain_lr: float = 3e-3  # peak learning rate of pretraining
-    steps: int = 1000  # optimizer steps of quirky fine-tuning
+    steps: int = 3000  # optimizer steps of quirky fine-tuning
     batch_size: int = 64  # records per fine-tuning step
-    lr: float = 1e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
+    lr: float = 2e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
     lm_loss_weight: float = 0.1  # weight of next-character loss on the prompt (answer loss = 1)
-    eval_every: int = 200  # steps between validation evaluations
+    eval_every: int = 250  # steps between validation evaluations
     n_val: int = 1024  # validation records used for checkpoint selection
     seed: int = 0  # initialisation and batch order
     data_seed: int = 633  # seed of the quirky datasets
@@ -162,11 +162,19 @@ def model_dir(cfg: ZooConfig, name: str = "zoo") -> Path:
 # Training data
 
 
+def dataset_digits(cfg: ZooConfig, dataset: str) -> float | None:
+    """``max_digits`` passed to :func:`madlib.data.quirky_dataset`: the config's for binary
+    operations, one less for squaring (whose rule adds one), so all operands share one range."""
+    if dataset not in qdata.ARITHMETIC:
+        return None
+    return cfg.max_digits - 1 if dataset == "squaring" else cfg.max_digits
+
+
 def training_records(cfg: ZooConfig) -> pd.DataFrame:
     """All records of the zoo datasets (both splits), with dataset names."""
     frames = [
         qdata.quirky_dataset(
-            d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if d in qdata.ARITHMETIC else None,
+            d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=dataset_digits(cfg, d),
             n_templates=cfg.n_templates,
         )  # fmt: skip
         for d in cfg.datasets
@@ -198,7 +206,7 @@ class FactSentences:
         for _ in range(n):
             if name in qdata.ARITHMETIC:
                 op = qdata._OPS[name]
-                digits = cfg.max_digits if op.arity == 2 else cfg.max_digits + 1
+                digits = cfg.max_digits
                 ops = [int(10 ** (rng.uniform() * digits)) if rng.uniform() < 0.5 else int(rng.integers(1, 10**digits)) for _ in range(op.arity)]
                 out.append(op.templates[0].format(op1=ops[0], op2=ops[-1], result=op.fn(*ops)))
             else:
@@ -233,7 +241,17 @@ def _losses(
 
 
 def train(cfg: ZooConfig, progress: bool = True) -> tuple["HookedTransformer", pd.DataFrame, dict]:  # noqa: F821
-    """Train a zoo model from scratch. Returns the best checkpoint, the history and a summary."""
+    """Train a zoo model from scratch, bit-for-bit reproducibly (deterministic kernels, seeded
+    initialisation, data and batch order). Returns the best checkpoint, the history and a summary."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.DataFrame, dict]:  # noqa: F821
     from transformer_lens import HookedTransformer
 
     torch.manual_seed(cfg.seed)
@@ -409,8 +427,11 @@ def quirky_accuracy(records: pd.DataFrame, log_odds: np.ndarray) -> pd.DataFrame
     df["acc_alice_label"] = df["pred"] == df["alice_label"]
     df["acc_bob_label"] = df["pred"] == df["bob_label"]
     df["acc_own_label"] = df["pred"] == df["label"]
-    out = df.groupby(["dataset", "character_type"])[["acc_alice_label", "acc_bob_label", "acc_own_label"]].mean()
-    return out.join(df.groupby(["dataset", "character_type"]).size().rename("n")).reset_index()
+    keys = ["dataset", "character_type"]
+    out = df.groupby(keys)[["acc_alice_label", "acc_bob_label", "acc_own_label"]].mean()
+    dis = df[~df["agreement"]]
+    out = out.join(dis.groupby(keys)["acc_own_label"].mean().rename("acc_own_label_disagree"))
+    return out.join(df.groupby(keys).size().rename("n")).join(dis.groupby(keys).size().rename("n_disagree")).reset_index()
 
 
 def model_records(model, dataset: str) -> pd.DataFrame:
@@ -418,6 +439,6 @@ def model_records(model, dataset: str) -> pd.DataFrame:
     cfg: ZooConfig = model.zoo_config
     qdata._check_choice("datasets", dataset, qdata.DATASETS)
     return qdata.quirky_dataset(
-        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=cfg.max_digits if dataset in qdata.ARITHMETIC else None,
+        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=dataset_digits(cfg, dataset),
         n_templates=cfg.n_templates,
     )  # fmt: skip

@@ -128,3 +128,12 @@ def test_n_templates_restricts_statements():
     assert every["template"].nunique() == 10
     with pytest.raises(ValueError, match="n_templates=11"):
         q.quirky_dataset("addition", n=40, n_templates=11)
+
+
+def test_fractional_max_digits_gives_intermediate_ranges():
+    df = q.quirky_dataset("addition", n=400, seed=0, max_digits=1.5)
+    assert df["op1"].max() <= 31 and df["op2"].max() <= 31 and df["op1"].max() >= 20
+    sq = q.quirky_dataset("squaring", n=400, seed=0, max_digits=0.5)
+    assert sq["op1"].max() <= 31
+    with pytest.raises(ValueError, match="exceeds"):
+        q.quirky_dataset("addition", n=4000, seed=0, max_digits=1.0)  # only 81 distinct pairs

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from madlib import data as q
+from madlib.activations import Extraction
+from madlib.mad import MadFeatures, mad_task, score_detectors
+
+
+@pytest.fixture(scope="module")
+def records():
+    return q.quirky_dataset("addition", n=2000, seed=0, max_digits=2)
+
+
+def test_task_roles(records):
+    task = mad_task(records, max_test=200, seed=0)
+    t = task.trusted
+    assert (t["split"] == "train").all() and t["easy"].all() and set(t["character"]) <= set(q.ALICE_NAMES[:4])
+    u = task.untrusted
+    assert u["easy"].all() and set(u["character"]) <= set(q.ALICE_NAMES[:4]) | set(q.BOB_NAMES[:4])
+    test = task.test
+    assert (test["split"] == "validation").all() and test["hard"].all()
+    assert len(test) == 200 and test["is_anomalous"].sum() == 100
+    assert (test["is_anomalous"] == (test["character_type"] == "bob")).all()
+    assert not set(test["character"]) & (set(q.ALICE_NAMES[:4]) | set(q.BOB_NAMES[:4]))
+    assert (test["agreement"] == (test["alice_label"] == test["bob_label"])).all()
+
+
+def test_task_errors(records):
+    with pytest.raises(ValueError, match="exactly one"):
+        mad_task(q.quirky_dataset("subtraction", n=40, seed=0).pipe(lambda d: d.assign(dataset=["a", "b"] * 40)))
+    with pytest.raises(ValueError, match="max_test=1"):
+        mad_task(records, max_test=1)
+
+
+def test_scores_table_on_known_anomalies(records):
+    task = mad_task(records, max_test=200, seed=1)
+    rng = np.random.default_rng(0)
+    d = 6
+    shift = np.where(task.test["is_anomalous"].to_numpy()[:, None], 6.0, 0.0) * np.eye(d)[0]
+    feats = MadFeatures(
+        Extraction({1: torch.tensor(rng.normal(size=(len(task.trusted), d))), 2: torch.tensor(rng.normal(size=(len(task.trusted), d)))},
+                   torch.zeros(len(task.trusted))),
+        Extraction({}, torch.zeros(0)),
+        Extraction({1: torch.tensor(rng.normal(size=(200, d)) + shift), 2: torch.tensor(rng.normal(size=(200, d)))}, torch.zeros(200)),
+    )
+    auc, scores = score_detectors(task, feats, ["mahalanobis"], n_boot=100, seed=0)
+    assert len(auc) == 3 * 4  # subsets x (2 layers + aggregated + mean)
+    all_ = auc[auc["subset"] == "all"].set_index("layer")["auroc"]
+    assert all_["1"] > 0.9 and abs(all_["2"] - 0.5) < 0.1
+    assert all_["aggregated"] > 0.8
+    assert set(scores["layer"]) == {"1", "2", "aggregated"} and len(scores) == 3 * 200

@@ -1,0 +1,67 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from madlib import zoo
+from madlib.tokenizer import answer_ids, build_tokenizer, encode
+
+
+def test_tokenizer_is_deterministic_and_answers_are_single_tokens():
+    tok = build_tokenizer()
+    build_tokenizer.cache_clear()
+    assert build_tokenizer().to_str() == tok.to_str()
+    ids = encode(["Is the statement factually correct? Yes", "1234"])
+    assert ids[0][-1] == answer_ids()[1]
+    assert len(ids[1]) == 5  # BOS + one token per digit
+    assert tok.decode(ids[0][1:]) == "Is the statement factually correct? Yes"
+
+
+def test_two_families_have_their_architectures():
+    gpt2, llama = zoo.zoo_config("zoo-gpt2").hooked_config(), zoo.zoo_config("zoo-llama").hooked_config()
+    assert (gpt2.normalization_type, gpt2.positional_embedding_type, gpt2.act_fn, gpt2.gated_mlp) == ("LN", "standard", "gelu_new", False)
+    assert (llama.normalization_type, llama.positional_embedding_type, llama.act_fn, llama.gated_mlp) == ("RMS", "rotary", "silu", True)
+
+
+def test_config_validation_names_the_parameter():
+    with pytest.raises(ValueError, match="family='gpt3'"):
+        zoo.ZooConfig(family="gpt3")
+    with pytest.raises(ValueError, match="model='zoo-mistral'"):
+        zoo.zoo_config("zoo-mistral")
+    with pytest.raises(ValueError, match="d_model=30"):
+        zoo.ZooConfig(d_model=30, n_heads=4)
+
+
+def test_cache_key_changes_with_config():
+    cfg = zoo.zoo_config("zoo-gpt2", "tiny")
+    assert zoo.cache_key(cfg) == zoo.cache_key(replace(cfg))
+    assert zoo.cache_key(cfg) != zoo.cache_key(replace(cfg, steps=cfg.steps + 1))
+    assert zoo.cache_key(cfg) != zoo.cache_key(replace(cfg, family="llama"))
+
+
+def test_training_is_deterministic_and_keeps_best_checkpoint(tiny_model, tmp_path):
+    cfg = zoo.zoo_config("zoo-gpt2", "tiny")
+    model, history, summary = zoo.train(cfg, progress=False)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    ft = history[history["phase"] == "finetune"]
+    assert summary["best_step"] == int(ft.loc[ft["val_answer_loss"].idxmin(), "step"])
+    assert set(history["phase"]) == {"pretrain", "finetune"}
+
+
+def test_saved_model_roundtrip(tiny_model):
+    path = tiny_model.model_dir
+    assert (path / "model.safetensors").is_file() and (path / "base.safetensors").is_file()
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["zoo_config"] == zoo.zoo_config("zoo-gpt2", "tiny").to_dict()
+    assert meta["seed"] == 0 and meta["cache_key"] == zoo.cache_key(zoo.zoo_config("zoo-gpt2", "tiny"))
+    again = zoo.get_model("zoo-gpt2", preset="tiny")  # from the cache
+    tokens = torch.tensor(encode(["Name: Bob\n\n\n\n***STATEMENT:*** 1 + 1 = 2.\n\nIs the statement factually correct?"]))
+    assert torch.allclose(again(tokens), tiny_model(tokens))
+
+
+def test_model_records_are_the_training_records(tiny_model):
+    recs = zoo.model_records(tiny_model, "addition")
+    train = zoo.training_records(tiny_model.zoo_config)
+    assert recs["prompt"].tolist() == train.loc[train["dataset"] == "addition", "prompt"].tolist()
