@@ -10,7 +10,7 @@ Public entry point: :func:`quirky_dataset`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -313,8 +313,9 @@ def quirky_dataset(
     Columns: ``row_id, split, character, character_type, alice_label, bob_label, label,
     agreement, difficulty, difficulty_quantile, easy, hard, context, statement, prompt`` (plus
     ``op1, op2, result`` for arithmetic sets and ``city, country, latitude, longitude, population``
-    for knowledge sets). The ``train`` split uses all sixteen names of a character; the
-    ``validation`` split only the twelve held-out ones.
+    for knowledge sets). In the ``train`` split half the records of a character carry one of its
+    first four names and half one of the other twelve; the ``validation`` split uses only those
+    twelve held-out names.
     """
     _check_choice("name", name, DATASETS)
     if not isinstance(n, (int, np.integer)) or n < 4:
@@ -345,10 +346,11 @@ def quirky_dataset(
     for ctype, names, label_col in (("alice", ALICE_NAMES, "alice_label"), ("bob", BOB_NAMES, "bob_label")):
         rec = base.copy()
         rec["character_type"] = ctype
-        held_out = names[N_TRUSTED_NAMES:]
-        rec["character"] = [
-            held_out[rng.integers(len(held_out))] if v else names[rng.integers(len(names))] for v in is_val
-        ]
+        first, held_out = names[:N_TRUSTED_NAMES], names[N_TRUSTED_NAMES:]
+        # train: half the records carry one of the first four names (the trusted pool), half one of
+        # the other twelve; validation: held-out names only
+        pool = [held_out if v or rng.uniform() < 0.5 else first for v in is_val]
+        rec["character"] = [p[rng.integers(len(p))] for p in pool]
         rec["label"] = rec[label_col]
         records.append(rec)
     df = pd.concat(records, ignore_index=True).sort_values(["row_id", "character_type"], kind="stable")
