@@ -54,12 +54,12 @@ class Extraction:
         return Extraction({k: v[m] for k, v in self.acts.items()}, self.log_odds[m])
 
 
-def tokenize_prompts(model, prompts: list[str]) -> list[list[int]]:
-    """Token ids (BOS first) with the model's tokenizer."""
-    if getattr(model, "zoo_config", None) is not None:
-        return encode(prompts, build_tokenizer())
-    tok = model.tokenizer
-    return [tok(p, add_special_tokens=False)["input_ids"] if not model.cfg.default_prepend_bos else [tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+def _zoo_only(model) -> None:
+    if getattr(model, "zoo_config", None) is None:
+        raise ValueError(
+            f"model={type(model).__name__} is not accepted; extraction supports the zoo models of madlib.zoo "
+            "(load them with madlib.zoo.get_model)"
+        )
 
 
 @torch.no_grad()
@@ -74,14 +74,13 @@ def extract(
     """Residual stream at ``layers`` and answer log-odds at each prompt's last token."""
     n_layers = model.cfg.n_layers
     hooks = {hook_name(layer, n_layers): layer for layer in layers}
+    _zoo_only(model)
     if len(prompts) == 0:
         return Extraction({layer: torch.zeros(0, model.cfg.d_model) for layer in layers}, torch.zeros(0))
-    seqs = tokenize_prompts(model, prompts)
     tok = build_tokenizer()
-    pad_id = tok.token_to_id(PAD) if getattr(model, "zoo_config", None) is not None else (model.tokenizer.pad_token_id or 0)
-    no_id, yes_id = answer_ids(tok) if getattr(model, "zoo_config", None) is not None else (
-        model.tokenizer(" No", add_special_tokens=False)["input_ids"][-1], model.tokenizer(" Yes", add_special_tokens=False)["input_ids"][-1]
-    )  # fmt: skip
+    seqs = encode(prompts, tok)
+    pad_id = tok.token_to_id(PAD)
+    no_id, yes_id = answer_ids(tok)
     # Sort by length so batches carry little padding; restore the order at the end.
     order = np.argsort([len(s) for s in seqs], kind="stable")
     acts: dict[int, list[Tensor]] = {layer: [] for layer in layers}

@@ -30,3 +30,11 @@ def test_extraction_on_padded_batches_matches_single_prompts(tiny_model):
     # order is preserved whatever the batch size
     one = extract(tiny_model, prompts, layers, batch_size=1, progress=False)
     assert torch.allclose(one.acts[1], batched.acts[1], atol=1e-5)
+
+
+def test_non_zoo_model_is_refused_with_a_clear_error():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    bare = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=16, d_head=4, n_heads=2, d_vocab=20, act_fn="relu"))
+    with pytest.raises(ValueError, match="model=HookedTransformer is not accepted"):
+        extract(bare, ["x"], [0], progress=False)
