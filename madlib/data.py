@@ -188,17 +188,29 @@ def _check_choice(param: str, value, accepted) -> None:
         raise ValueError(f"{param}={value!r} is not accepted; choose one of {list(accepted)}")
 
 
+def operand_max(digits: float) -> int:
+    """Largest value of ``int(10 ** (U * digits))`` for U in [0, 1): 99 for 2, 31 for 1.5."""
+    return math.ceil(10**digits) - 1
+
+
+def max_rows_per_call(max_digits: float) -> int:
+    """Most base rows one generation call of a binary operation may ask for: half the distinct
+    operand pairs (beyond that, redrawing repeated pairs gets slow)."""
+    return operand_max(max_digits) ** 2 // 2
+
+
 def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: float) -> list[tuple[int, ...]]:
     """``n`` log-uniform operand tuples. Binary pairs are distinct (a repeated pair is redrawn);
     unary operands may repeat, as in the unary generator (500k rows over at most 9,999 values)."""
     seen: set[tuple[int, ...]] = set()
     out: list[tuple[int, ...]] = []
     digits = max_digits if arity == 2 else max_digits + 1
-    capacity = (int(10**digits) - 1) ** arity
+    capacity = operand_max(digits) ** arity
     if arity == 1:
         return [(int(10 ** (u * digits)),) for u in rng.uniform(size=n)]
     if n > capacity // 2:
-        raise ValueError(f"n={n} exceeds the {capacity} distinct operand tuples with max_digits={max_digits}")
+        raise ValueError(f"n={4 * n} exceeds what the distinct-pair rule allows with max_digits={max_digits} "
+                         f"(at most {4 * (capacity // 2)} rows from {capacity} distinct pairs)")
     while len(out) < n:
         ops = tuple(int(10 ** (rng.uniform() * digits)) for _ in range(arity))
         if ops in seen:

@@ -27,14 +27,18 @@ def write_table(df: pd.DataFrame, analysis: str, name: str) -> str:
 
 
 def training_curves(histories: dict[str, pd.DataFrame]):
-    """Per model: pretraining next-token loss (top) and quirky fine-tuning answer loss (bottom)."""
-    fig, axes = plt.subplots(2, len(histories), figsize=(5 * len(histories), 6.5), squeeze=False)
+    """Per model: quirky fine-tuning answer loss, and above it the pretraining next-token loss when
+    a model was pretrained."""
+    pretrained = any((h["phase"] == "pretrain").any() for h in histories.values())
+    rows = 2 if pretrained else 1
+    fig, axes = plt.subplots(rows, len(histories), figsize=(5 * len(histories), 3.3 * rows), squeeze=False)
     for col, (name, h) in enumerate(histories.items()):
         pre, ft = h[h["phase"] == "pretrain"], h[h["phase"] == "finetune"]
-        ax = axes[0][col]
-        ax.plot(pre["step"], pre["train_lm_loss"], color="tab:green")
-        ax.set(title=f"{name}: pretraining on fact sentences", xlabel="step", ylabel="next-token loss (nats)")
-        ax = axes[1][col]
+        if pretrained:
+            ax = axes[0][col]
+            ax.plot(pre["step"], pre["train_lm_loss"], color="tab:green")
+            ax.set(title=f"{name}: pretraining on fact sentences", xlabel="step", ylabel="next-token loss (nats)")
+        ax = axes[rows - 1][col]
         ax.plot(ft["step"], ft["train_answer_loss"], label="train (answer token)")
         ax.plot(ft["step"], ft["val_answer_loss"], label="validation (answer token)")
         best = ft.loc[ft["val_answer_loss"].idxmin()]

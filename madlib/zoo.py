@@ -315,7 +315,7 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     model.load_state_dict(best[1])
     model.eval()
     summary = dict(best_step=best[0], best_val_answer_loss=best_loss, train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads())
-    model.base_state_dict = base_state
+    model.base_state_dict = base_state  # the pretrained model, before quirky fine-tuning
     return model, pd.DataFrame(history), summary
 
 
@@ -372,7 +372,7 @@ def save(model, cfg: ZooConfig, history: pd.DataFrame, summary: dict, path: Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if getattr(model, "base_state_dict", None) is not None:
+    if cfg.pretrain_steps > 0 and getattr(model, "base_state_dict", None) is not None:
         save_file({k: v.contiguous() for k, v in model.base_state_dict.items()}, tmp / "base.safetensors")
     meta = dict(name=path.name, cache_key=cache_key(cfg), zoo_config=cfg.to_dict(), seed=cfg.seed, data_seed=cfg.data_seed, summary=summary)
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
