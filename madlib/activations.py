@@ -31,7 +31,7 @@ def hook_name(layer: int, n_layers: int) -> str:
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
     """``"all"``, ``None`` or ``[]`` -> 1..n_layers; a list is checked against the model."""
-    if layers is None or (isinstance(layers, str) and layers == "all") or (not isinstance(layers, str) and len(layers) == 0):
+    if layers is None or layers == "all" or len(layers) == 0:
         return list(range(1, n_layers + 1))
     out = [int(layer) for layer in layers]
     for layer in out:

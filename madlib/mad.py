@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import data as qdata
 from .activations import Extraction, extract
-from .detectors import DETECTORS, make_detector
+from .detectors import make_detector
 from .metrics import aggregate_layers, auroc_table
 
 SUBSETS = ("all", "agree", "disagree")
@@ -130,9 +130,8 @@ def run_mad(
     """The whole MAD evaluation of one model on one dataset: tidy AUROC rows with ``model``,
     ``dataset`` and ``seed`` columns, per-example scores, and the task."""
     task = mad_task(records, max_test=max_test, seed=seed)
-    for d in detectors:
-        make_detector(d)  # fail on an unknown name before any forward pass
-    needs_untrusted = any(DETECTORS[d].uses_untrusted for d in detectors)
+    # also fails on an unknown detector name before any forward pass
+    needs_untrusted = any(make_detector(d).uses_untrusted for d in detectors)
     feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress, untrusted=needs_untrusted)
     auc, scores = score_detectors(task, feats, detectors, n_boot=n_boot, seed=seed)
     for df in (auc, scores):

@@ -63,7 +63,7 @@ class ZooConfig:
     lr: float = 2e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
-    lm_loss_weight: float = 0.1  # weight of next-character loss on the prompt (answer loss = 1)
+    lm_loss_weight: float = 0.1  # weight of next-token loss on the prompt (answer loss = 1)
     eval_every: int = 250  # steps between validation evaluations
     n_val: int = 1024  # validation records used for checkpoint selection
     seed: int = 0  # initialisation and batch order
@@ -170,16 +170,17 @@ def dataset_digits(cfg: ZooConfig, dataset: str) -> float | None:
     return cfg.max_digits - 1 if dataset == "squaring" else cfg.max_digits
 
 
+def config_records(cfg: ZooConfig, dataset: str) -> pd.DataFrame:
+    """The records of ``dataset`` as a model with config ``cfg`` is trained and validated on them."""
+    qdata._check_choice("datasets", dataset, qdata.DATASETS)
+    return qdata.quirky_dataset(
+        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=dataset_digits(cfg, dataset), n_templates=cfg.n_templates
+    )
+
+
 def training_records(cfg: ZooConfig) -> pd.DataFrame:
     """All records of the zoo datasets (both splits), with dataset names."""
-    frames = [
-        qdata.quirky_dataset(
-            d, n=cfg.n_rows, seed=cfg.data_seed, max_digits=dataset_digits(cfg, d),
-            n_templates=cfg.n_templates,
-        )  # fmt: skip
-        for d in cfg.datasets
-    ]
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([config_records(cfg, d) for d in cfg.datasets], ignore_index=True)
 
 
 class FactSentences:
@@ -207,7 +208,8 @@ class FactSentences:
             if name in qdata.ARITHMETIC:
                 op = qdata._OPS[name]
                 digits = cfg.max_digits
-                ops = [int(10 ** (rng.uniform() * digits)) if rng.uniform() < 0.5 else int(rng.integers(1, 10**digits)) for _ in range(op.arity)]
+                top = qdata.operand_max(digits)
+                ops = [int(10 ** (rng.uniform() * digits)) if rng.uniform() < 0.5 else int(rng.integers(1, top + 1)) for _ in range(op.arity)]
                 out.append(op.templates[0].format(op1=ops[0], op2=ops[-1], result=op.fn(*ops)))
             else:
                 out.append(self.city_facts[int(rng.integers(len(self.city_facts)))])
@@ -226,18 +228,30 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch po
 def _losses(
     model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"], answers: Int[Tensor, " batch"], yes_no: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(answer loss, next-character loss, answer accuracy) of a right-padded batch of prompts."""
+    """(answer loss, next-token loss, answer accuracy) of a right-padded batch of prompts."""
     logits: Float[Tensor, "batch pos vocab"] = model(tokens, return_type="logits")
     idx = torch.arange(len(tokens))
     last = logits[idx, lengths - 1]
     answer_loss = torch.nn.functional.cross_entropy(last, answers)
     two = last[:, list(yes_no)]
     acc = (two.argmax(-1) == (answers == yes_no[1]).long()).float().mean()
-    pos = torch.arange(tokens.shape[1] - 1)
-    mask = pos[None, :] < (lengths[:, None] - 1)
+    return answer_loss, _next_token_loss(logits, tokens, lengths), acc
+
+
+def _next_token_loss(
+    logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"]
+) -> Tensor:
+    """Mean next-token cross-entropy over the real (unpadded) positions of a right-padded batch."""
+    mask = torch.arange(tokens.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
     lm = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-    lm_loss = (lm * mask).sum() / mask.sum()
-    return answer_loss, lm_loss, acc
+    return (lm * mask).sum() / mask.sum()
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
 
 def train(cfg: ZooConfig, progress: bool = True) -> tuple["HookedTransformer", pd.DataFrame, dict]:  # noqa: F821
@@ -274,11 +288,9 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(tok))
     t0 = time.perf_counter()
     history = pretrain(model, cfg, recs, progress=progress)
-    base_state = copy.deepcopy(model.state_dict())
+    base_state = copy.deepcopy(model.state_dict()) if cfg.pretrain_steps > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-    )
+    sched = _warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_loss = None, float("inf")
     bar = tqdm(range(1, cfg.steps + 1), desc=f"quirky fine-tuning zoo-{cfg.family}", disable=not progress, mininterval=2)
@@ -315,7 +327,7 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     model.load_state_dict(best[1])
     model.eval()
     summary = dict(best_step=best[0], best_val_answer_loss=best_loss, train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads())
-    model.base_state_dict = base_state  # the pretrained model, before quirky fine-tuning
+    model.base_state_dict = base_state  # the pretrained model before quirky fine-tuning (None if not pretrained)
     return model, pd.DataFrame(history), summary
 
 
@@ -328,17 +340,14 @@ def pretrain(model, cfg: ZooConfig, records: pd.DataFrame, progress: bool = True
     facts = FactSentences(cfg, records, seed=cfg.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     n = cfg.pretrain_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, n) / n)))
+    sched = _warmup_cosine(opt, cfg.warmup, n)
     history, running = [], []
     t0 = time.perf_counter()
     model.train()
     for step in tqdm(range(1, n + 1), desc=f"pretraining zoo-{cfg.family}", disable=not progress, mininterval=2):
         # one kind of fact per step, in turn, so batches carry little padding
         tokens, lengths = pad_batch(encode(facts.sample(cfg.pretrain_batch_size, cfg.datasets[step % len(cfg.datasets)]), tok), pad_id)
-        logits = model(tokens, return_type="logits")
-        mask = torch.arange(tokens.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
-        lm = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        loss = (lm * mask).sum() / mask.sum()
+        loss = _next_token_loss(model(tokens, return_type="logits"), tokens, lengths)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -372,7 +381,7 @@ def save(model, cfg: ZooConfig, history: pd.DataFrame, summary: dict, path: Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if cfg.pretrain_steps > 0 and getattr(model, "base_state_dict", None) is not None:
+    if getattr(model, "base_state_dict", None) is not None:
         save_file({k: v.contiguous() for k, v in model.base_state_dict.items()}, tmp / "base.safetensors")
     meta = dict(name=path.name, cache_key=cache_key(cfg), zoo_config=cfg.to_dict(), seed=cfg.seed, data_seed=cfg.data_seed, summary=summary)
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
@@ -436,9 +445,4 @@ def quirky_accuracy(records: pd.DataFrame, log_odds: np.ndarray) -> pd.DataFrame
 
 def model_records(model, dataset: str) -> pd.DataFrame:
     """The records of ``dataset`` exactly as ``model`` was trained and validated on them."""
-    cfg: ZooConfig = model.zoo_config
-    qdata._check_choice("datasets", dataset, qdata.DATASETS)
-    return qdata.quirky_dataset(
-        dataset, n=cfg.n_rows, seed=cfg.data_seed, max_digits=dataset_digits(cfg, dataset),
-        n_templates=cfg.n_templates,
-    )  # fmt: skip
+    return config_records(model.zoo_config, dataset)
