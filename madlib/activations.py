@@ -101,24 +101,41 @@ def answer_token_ids(tokenizer, context: str = ANSWER_CONTEXT) -> tuple[int, int
     return ids[0], ids[1]
 
 
-def encode_prompts(model, prompts: list[str]) -> tuple[list[list[int]], int, tuple[int, int]]:
-    """Token ids of each prompt, the padding id and the (" No", " Yes") answer ids for ``model``."""
+def encode_texts(model, texts: list[str], max_tokens: int | None = None) -> tuple[list[list[int]], int]:
+    """Token ids of each text (BOS first, as the model's tokenizer prepends it) and the padding id,
+    for a zoo model or any ``HookedTransformer`` with a tokenizer. A text longer than
+    ``max_tokens`` (or than the model's context) is cut to its first tokens; with ``max_tokens=None``
+    a text longer than the model's context is an error."""
     if getattr(model, "zoo_config", None) is not None:
         tok = build_tokenizer()
-        return encode(prompts, tok), tok.token_to_id(PAD), answer_ids(tok)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(
-            f"model={type(model).__name__} is not accepted; it has no tokenizer (load models with madlib.models.load_model "
-            "or madlib.zoo.get_model)"
-        )
-    with _right_padding(model):
-        seqs = [model.to_tokens(p, move_to_device=False, truncate=False)[0].tolist() for p in prompts]
+        seqs, pad_id = encode(list(texts), tok), tok.token_to_id(PAD)
+    else:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                f"model={type(model).__name__} is not accepted; it has no tokenizer (load models with "
+                "madlib.models.load_model or madlib.zoo.get_model)"
+            )
+        with _right_padding(model):
+            seqs = [model.to_tokens(t, move_to_device=False, truncate=False)[0].tolist() for t in texts]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens={max_tokens!r} is not accepted; give an integer >= 2")
+        cut = min(max_tokens, model.cfg.n_ctx)
+        return [s[:cut] for s in seqs], pad_id
     too_long = [i for i, s in enumerate(seqs) if len(s) > model.cfg.n_ctx]
     if too_long:
         raise ValueError(f"prompts[{too_long[0]}] has {len(seqs[too_long[0]])} tokens; the model's context is {model.cfg.n_ctx}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return seqs, pad_id, answer_token_ids(tokenizer)
+    return seqs, pad_id
+
+
+def encode_prompts(model, prompts: list[str]) -> tuple[list[list[int]], int, tuple[int, int]]:
+    """Token ids of each prompt, the padding id and the (" No", " Yes") answer ids for ``model``."""
+    seqs, pad_id = encode_texts(model, prompts)
+    if getattr(model, "zoo_config", None) is not None:
+        return seqs, pad_id, answer_ids(build_tokenizer())
+    return seqs, pad_id, answer_token_ids(model.tokenizer)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ Tasks are named ``<dataset>`` (a zoo dataset, records as the base model was trai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -175,6 +176,73 @@ def eval_sets(base, tasks: list[DriftTask], n_eval: int, seed: int) -> dict[str,
     return out
 
 
+def read_prompts(spec, param: str = "task_prompts") -> list[str]:
+    """Prompts given as a list of strings, or as a file: ``.txt`` (one prompt per line), ``.jsonl``
+    (one object per line with a ``text`` or ``prompt`` field) or ``.json`` (a list of strings)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(spec, (list, tuple)):
+        texts = [str(t) for t in spec]
+    else:
+        path = Path(str(spec)).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{param}={spec!r} is not accepted; give a list of prompts or a .txt, .jsonl or .json file")
+        if path.suffix == ".txt":
+            texts = [line for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            field = next((f for f in ("text", "prompt") if rows and f in rows[0]), None)
+            if field is None:
+                raise ValueError(f"{param}={spec!r} is not accepted; its JSON lines need a 'text' or 'prompt' field")
+            texts = [str(r[field]) for r in rows]
+        elif path.suffix == ".json":
+            texts = [str(t) for t in json.loads(path.read_text())]
+        else:
+            raise ValueError(f"{param}={spec!r} is not accepted; give a .txt, .jsonl or .json file")
+    if not texts:
+        raise ValueError(f"{param}={spec!r} is not accepted; it holds no prompts")
+    return texts
+
+
+def text_sets(task_prompts: dict, tasks: list[str], n_eval: int, seed: int) -> dict[str, list[str]]:
+    """Evaluation sets of a model outside the zoo: ``task_prompts`` maps each set name (every task,
+    and :data:`GENERAL`) to its prompts (:func:`read_prompts`); up to ``n_eval`` of each, drawn with
+    ``seed``. Sets that are no fine-tune's task stay as further audit candidates."""
+    missing = [name for name in [*tasks, GENERAL] if name not in task_prompts]
+    if missing:
+        raise ValueError(
+            f"task_prompts={sorted(task_prompts)} is not accepted; it needs prompts for {missing} "
+            f"(every fine-tuned task and {GENERAL!r})"
+        )
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in task_prompts.items():
+        texts = read_prompts(spec, f"task_prompts[{name!r}]")
+        keep = np.sort(rng.choice(len(texts), size=min(n_eval, len(texts)), replace=False))
+        out[name] = [texts[i] for i in keep]
+    return out
+
+
+def finetune_loaders(finetuned: dict, **load_kwargs) -> dict[str, Callable[[], object]]:
+    """Loaders (called one at a time by :func:`drift_table`) of external fine-tunes: ``finetuned``
+    maps a task name to a model spec of :func:`madlib.models.load_model` (hub id or directory), or
+    to ``[base spec, LoRA adapter]``."""
+    from functools import partial
+
+    from .models import load_model
+
+    out = {}
+    for task, spec in finetuned.items():
+        if isinstance(spec, (list, tuple)):
+            if len(spec) != 2:
+                raise ValueError(f"finetuned[{task!r}]={spec!r} is not accepted; give a model spec or [model, adapter]")
+            out[task] = partial(load_model, str(spec[0]), adapter=str(spec[1]), **load_kwargs)
+        else:
+            out[task] = partial(load_model, str(spec), **load_kwargs)
+    return out
+
+
 def truth_accuracy(model, records: pd.DataFrame, n: int = 500, seed: int = 0, batch_size: int = 128) -> dict:
     """Accuracy of the answer's sign against the truth (Alice's label) on up to ``n`` validation
     prompts of Alice, and of Bob where his label differs from the truth (his quirk shows there)."""
@@ -204,13 +272,16 @@ def drift_table(
     recon: bool = True,
     batch_size: int = 128,
     progress: bool = True,
+    max_tokens: int | None = None,
 ) -> pd.DataFrame:
     """One row per fine-tuned model × evaluation set × k: intersection mean, value change, raw
     activation distance, the three rates against the general set, and (with ``recon``) the SAE's
     reconstruction metrics on the fine-tuned (``recon_*``) and base (``recon_base_*``) activations.
 
-    ``finetuned`` maps each model's task name to the model (named ``<base_name>-<task>`` in the
-    table); ``sets`` must hold :data:`GENERAL`.
+    ``finetuned`` maps each model's task name to the model, or to a loader called when its turn
+    comes (:func:`finetune_loaders`: one large model in memory at a time), named
+    ``<base_name>-<task>`` in the table; ``sets`` must hold :data:`GENERAL`. Texts are cut to
+    ``max_tokens`` tokens if given.
     """
     if GENERAL not in sets:
         raise ValueError(f"sets={sorted(sets)} is not accepted; include the general set {GENERAL!r}")
@@ -218,23 +289,27 @@ def drift_table(
     topk_latents(torch.zeros(1, sae.cfg.d_sae), max(ks))  # checks the k range
     rows = []
     base_cache = {}
+    dev = sae.W_enc.device
     for set_name, texts in sets.items():
-        acts = collect_activations(base, texts, hook_name, batch_size, progress=False)
-        base_cache[set_name] = (acts, latent_preacts(sae, acts), sae.encode(acts))
+        acts = collect_activations(base, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
+        base_cache[set_name] = (acts, latent_preacts(sae, acts.to(dev)).cpu(), sae.encode(acts.to(dev)).cpu())
     recon_base = {}
     if recon:
         for set_name, texts in sets.items():
-            recon_base[set_name] = reconstruction_metrics(base, sae, texts, hook_name, batch_size, progress=False)
+            recon_base[set_name] = reconstruction_metrics(base, sae, texts, hook_name, batch_size, progress=False,
+                                                          max_tokens=max_tokens)  # fmt: skip
     bar = tqdm(finetuned.items(), desc="drift", disable=not progress)
     for task, model in bar:
+        if not isinstance(model, torch.nn.Module):
+            model = model()  # a loader: the fine-tune is loaded now and released after its rows
         for set_name, texts in sets.items():
             acts_b, pre_b, z_b = base_cache[set_name]
-            acts_f = collect_activations(model, texts, hook_name, batch_size, progress=False)
-            pre_f, z_f = latent_preacts(sae, acts_f), sae.encode(acts_f)
+            acts_f = collect_activations(model, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
+            pre_f, z_f = latent_preacts(sae, acts_f.to(dev)).cpu(), sae.encode(acts_f.to(dev)).cpu()
             dist = ((acts_f - acts_b).norm(dim=-1).sum() / acts_b.norm(dim=-1).sum()).item()
             extra = {}
             if recon:
-                rf = reconstruction_metrics(model, sae, texts, hook_name, batch_size, progress=False)
+                rf = reconstruction_metrics(model, sae, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
                 extra = {f"recon_{k}": v for k, v in rf.items()}
                 extra.update({f"recon_base_{k}": v for k, v in recon_base[set_name].items()})
             for k, ov in overlap_by_k(pre_b, pre_f, ks).items():

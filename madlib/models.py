@@ -2,7 +2,8 @@
 
 :func:`load_model` returns a transformer-lens ``HookedTransformer`` whatever its ``spec`` is:
 
-* a zoo name (``zoo-gpt2``, ``zoo-llama``): :func:`madlib.zoo.get_model` at ``preset``;
+* a zoo name (``zoo-gpt2``, ``zoo-llama``): :func:`madlib.zoo.get_model` at ``preset``, or the
+  directory of a saved zoo model: :func:`madlib.zoo.load_dir`;
 * a local directory in the Hugging Face format (``config.json``, weights, tokenizer files);
 * a hub id (``mistralai/Mistral-7B-v0.1``): its snapshot is fetched into the Hugging Face cache (or
   found there), then loaded exactly as a local directory.
@@ -344,6 +345,10 @@ def load_model(
                 f"adapter={adapter!r} is not accepted for the zoo model {spec!r}; adapters apply to Hugging Face models"
             )
         return zoo.get_model(spec, preset=preset)
+    if is_zoo_dir(spec):
+        if adapter is not None:
+            raise ValueError(f"adapter={adapter!r} is not accepted for the zoo model directory {spec!r}")
+        return zoo.load_dir(spec)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     path, revision = resolve(spec, "model")
@@ -359,6 +364,19 @@ def load_model(
         tl_name=tl_name, from_pretrained_kwargs=from_pretrained_kwargs,
     )  # fmt: skip
     return model
+
+
+def is_zoo_dir(spec: str) -> bool:
+    """Whether ``spec`` is the directory of a saved zoo model (a ``config.json`` with a zoo config)."""
+    import json
+
+    config = Path(str(spec)).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "zoo_config" in json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 class ModelLoader:

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from . import data as qdata
 from . import zoo
-from .activations import _zoo_only
+from .activations import encode_texts
 from .detectors import Detector, Features, Scores, batched, register
 from .cache import model_fingerprint
 from .paths import model_cache_dir
-from .tokenizer import PAD, build_tokenizer, encode
+from .tokenizer import encode
 
 NORMALISATIONS = ("none", "expected_average_only_in")
 CONFIG_FILE = "madlib_sae.json"
@@ -102,16 +102,14 @@ def _stop_layer(hook_name: str) -> int | None:
 
 @torch.no_grad()
 def collect_activations(
-    model, texts: list[str], hook_name: str, batch_size: int = 128, progress: bool = True
+    model, texts: list[str], hook_name: str, batch_size: int = 128, progress: bool = True, max_tokens: int | None = None
 ) -> Float[Tensor, "n_tokens d_model"]:
     """Activations at ``hook_name`` at every real token of each text except BOS, text after text
-    (the rows of text ``i`` follow those of text ``i - 1``; text ``i`` gives ``len(tokens) - 1`` rows)."""
-    _zoo_only(model)
+    (the rows of text ``i`` follow those of text ``i - 1``; text ``i`` gives ``len(tokens) - 1`` rows),
+    for a zoo model or any ``HookedTransformer`` (texts cut to ``max_tokens`` tokens if given)."""
     if hook_name not in model.hook_dict:
         raise ValueError(f"hook_name={hook_name!r} is not accepted; give a hook of the model (model.hook_dict)")
-    tok = build_tokenizer()
-    seqs = encode(list(texts), tok)
-    pad_id = tok.token_to_id(PAD)
+    seqs, pad_id = encode_texts(model, texts, max_tokens)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     rows: list[Tensor | None] = [None] * len(seqs)
     stop = _stop_layer(hook_name)
@@ -306,7 +304,7 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    model, sae, texts: list[str], hook_name: str, batch_size: int = 128, progress: bool = True
+    model, sae, texts: list[str], hook_name: str, batch_size: int = 128, progress: bool = True, max_tokens: int | None = None
 ) -> dict:
     """Explained variance, and KL and CE loss recovered when the reconstruction is spliced in.
 
@@ -316,32 +314,30 @@ def reconstruction_metrics(
     ``kl_div_score = (KL_ablation - KL_sae) / KL_ablation`` and
     ``ce_loss_score = (CE_ablation - CE_sae) / (CE_ablation - CE_clean)``, as in sae-lens' evals.
     """
-    _zoo_only(model)
-    tok = build_tokenizer()
-    seqs = encode(list(texts), tok)
-    pad_id = tok.token_to_id(PAD)
+    seqs, pad_id = encode_texts(model, texts, max_tokens)
     sums = dict(kl_sae=0.0, kl_abl=0.0, ce_sae=0.0, ce_clean=0.0, ce_abl=0.0, n_kl=0, n_ce=0, l0=0.0)
     acts = []
     bar = tqdm(range(0, len(seqs), batch_size), desc="reconstruction metrics", disable=not progress, mininterval=1)
     for start in bar:
         tokens, lengths = zoo.pad_batch(seqs[start : start + batch_size], pad_id)
-        pos = torch.arange(tokens.shape[1])[None, :]
+        tokens, lengths = tokens.to(model.cfg.device), lengths.to(model.cfg.device)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         mask = (pos >= 1) & (pos < lengths[:, None])  # spliced positions
         store = {}
 
         def splice(act, hook):
-            z = sae.encode(act.float())
-            x_hat = sae.decode(z).to(act.dtype)
-            store.update(x=act[mask].float(), x_hat=x_hat[mask].float(), l0=(z[mask] != 0).sum().item())
+            z = sae.encode(act.to(sae.W_enc.device, sae.W_enc.dtype))
+            x_hat = sae.decode(z).to(act.device, act.dtype)
+            store.update(x=act[mask].float().cpu(), x_hat=x_hat[mask].float().cpu(), l0=(z[mask.to(z.device)] != 0).sum().item())
             return torch.where(mask[..., None], x_hat, act)
 
         def ablate(act, hook):
             return torch.where(mask[..., None], torch.zeros_like(act), act)
 
         logp = {
-            "clean": model(tokens, return_type="logits").log_softmax(-1),
-            "sae": model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice)]).log_softmax(-1),
-            "abl": model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, ablate)]).log_softmax(-1),
+            "clean": model(tokens, return_type="logits").float().log_softmax(-1),
+            "sae": model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice)]).float().log_softmax(-1),
+            "abl": model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, ablate)]).float().log_softmax(-1),
         }
         acts.append((store["x"], store["x_hat"]))
         sums["l0"] += store["l0"]

@@ -15,6 +15,7 @@ import yaml
 from madlib import data as qdata
 from madlib import models
 from madlib.activations import answer_token_ids, extract, hook_name
+from madlib.paths import results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -287,6 +288,109 @@ def test_real_model_grid_config_and_commands():
                 lacking = set(run["parameters"]) - _parameters(notebook)
                 if lacking:
                     missing[run["notebook"]] = sorted(lacking)
-    assert checked >= 1
-    if missing:
-        pytest.xfail(f"notebook parameters the real-model commands need, not yet in the notebooks: {missing}")
+    assert checked == sum(len(seed["runs"]) for seed in cfg["seeds"].values())
+    assert not missing, f"notebook parameters the real-model commands need, not in the notebooks: {missing}"
+
+
+def test_drift_notebook_on_external_finetunes_and_a_pretrained_sae(hf_dirs, adapter_dir, tmp_path):
+    """The drift notebook on a model outside the zoo: fine-tunes given by parameter (a LoRA merge,
+    and the base itself as a control that cannot drift), evaluation prompts from files, an SAE
+    saved by sae-lens."""
+    import pandas as pd
+    import papermill as pm
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(3)
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.save_model(tmp_path / "sae")
+    (tmp_path / "add.txt").write_text("\n".join(PROMPTS[:1] + PROMPTS[2:]) + "\n")
+    (tmp_path / "hemi.jsonl").write_text(json.dumps({"text": PROMPTS[1]}) + "\n" + json.dumps({"text": "Rome is in Italy."}) + "\n")
+    base = str(hf_dirs["llama"])
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "drift.ipynb"), str(tmp_path / "drift.ipynb"), cwd=str(ROOT), progress_bar=False,
+        kernel_name="python3",
+        parameters=dict(model=base, finetuned={"addition": [base, str(adapter_dir)], "hemisphere": base},
+                        task_prompts={"addition": str(tmp_path / "add.txt"), "hemisphere": str(tmp_path / "hemi.jsonl"),
+                                      "general": PROMPTS + ["The sky is blue."]},
+                        sae=str(tmp_path / "sae"), n_eval=7, k=2, k_max=3, batch_size=2, max_tokens=24),
+    )  # fmt: skip
+    table = pd.read_csv(results_dir("drift") / "drift.csv")
+    assert len(table) == 2 * 3 * 3 and set(table["hook"]) == {"blocks.1.hook_resid_pre"}
+    same = table[table["task"] == "hemisphere"]
+    assert np.allclose(same["intersection_mean"], same["k"]) and np.allclose(same["act_distance"], 0, atol=1e-6)
+    lora = table[table["task"] == "addition"]
+    assert (lora["act_distance"] > 1e-3).all() and (lora["intersection_mean"] <= lora["k"]).all()
+    assert set(table["eval_set"]) == {"addition", "hemisphere", "general"}
+
+
+def test_drift_rejects_bad_external_parameters(tmp_path):
+    from madlib import drift
+
+    with pytest.raises(ValueError, match=r"task_prompts=\['general'\] is not accepted; it needs prompts for \['math'\]"):
+        drift.text_sets({"general": ["a"]}, ["math"], 5, 0)
+    with pytest.raises(ValueError, match="task_prompts\\['math'\\]='nope.txt' is not accepted"):
+        drift.text_sets({"general": ["a"], "math": "nope.txt"}, ["math"], 5, 0)
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": "a"}) + "\n")
+    with pytest.raises(ValueError, match="'text' or 'prompt' field"):
+        drift.read_prompts(str(tmp_path / "x.jsonl"))
+    with pytest.raises(ValueError, match=r"finetuned\['math'\]=\['a'\] is not accepted"):
+        drift.finetune_loaders({"math": ["a"]})
+    sets = drift.text_sets({"general": [str(i) for i in range(10)], "math": ["1", "2"]}, ["math"], 4, 0)
+    assert len(sets["general"]) == 4 and sets["math"] == ["1", "2"]
+
+
+def _readme_commands() -> list[tuple[str, dict]]:
+    """(notebook, parameters) of each papermill command in the README's real-model section."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Reproduce the seeds on real models") :]
+    section = section[: section.find("\n## ", 10) if "\n## " in section[10:] else None]
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for cmd in re.findall(r"^\.venv/bin/papermill .*?(?=^\.venv/bin/papermill |\Z)", block, flags=re.S | re.M):
+            args = shlex.split(cmd)
+            params, i = {}, 3
+            while i < len(args):
+                if args[i] == "-p":
+                    params[args[i + 1]] = yaml.safe_load(args[i + 2])
+                    i += 3
+                elif args[i] == "-y":
+                    params.update(yaml.safe_load(args[i + 1]))
+                    i += 2
+                else:
+                    raise AssertionError(f"unexpected argument {args[i]!r} in README command {cmd!r}")
+            out.append((Path(args[1]).stem, params))
+    return out
+
+
+def test_readme_real_model_commands_match_the_config_and_stop_offline_in_one_line(tmp_path, monkeypatch):
+    import papermill as pm
+
+    cfg = yaml.safe_load((ROOT / "configs" / "real_models.yaml").read_text())
+    runs = [run for seed in cfg["seeds"].values() for run in seed["runs"]]
+    commands = _readme_commands()
+    assert sorted(n for n, _ in commands) == sorted(r["notebook"] for r in runs)
+    for notebook, params in commands:
+        assert set(params) <= _parameters(ROOT / "notebooks" / f"{notebook}.ipynb"), notebook
+        assert any(r["notebook"] == notebook and all(r["parameters"].get(k) == v for k, v in params.items()) for r in runs), (
+            f"the README's {notebook} command differs from configs/real_models.yaml"
+        )
+    # offline, a command runs until the hub and stops there with one line naming what to download
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    notebook, params = next(c for c in commands if c[0] == "perturb")
+    t0 = time.perf_counter()
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(ROOT / "notebooks" / "perturb.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
+                            cwd=str(ROOT), progress_bar=False, kernel_name="python3")  # fmt: skip
+    assert err.value.ename == "HubUnavailableError" and "gpt2" in err.value.evalue and "\n" not in err.value.evalue
+    assert time.perf_counter() - t0 < 120
