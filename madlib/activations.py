@@ -3,7 +3,8 @@
 Layer ``L`` means the residual stream entering block ``L`` (``blocks.L.hook_resid_pre``); layer
 ``n_layers`` is the stream leaving the last block (``blocks.{n_layers-1}.hook_resid_post``). One
 forward pass per batch returns the chosen layers' activations and the answer log-odds
-``logit(" Yes") - logit(" No")``, both at the last prompt token. Batches are right-padded whatever
+``logit(" Yes") - logit(" No")``, both at the last prompt token; the forward pass stops after the
+last block, and the final norm and unembedding run at the last token only. Batches are right-padded whatever
 the tokenizer's own padding side: with causal attention nothing after a position can change it, so
 gathering at each prompt's own last index is exact.
 
@@ -199,6 +200,19 @@ class _DiskSink:
         return Extraction(acts, torch.from_numpy(np.load(self.dir / "log_odds.npy", mmap_mode="c")))
 
 
+def last_token_logits(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_vocab"]:
+    """The logits ``model`` computes from its final residual stream at one position per prompt:
+    final norm, unembedding and logit soft-capping, as in ``HookedTransformer.forward``, but only
+    where the answer is read (unembedding every position costs a model with a large vocabulary
+    more than every hook)."""
+    x = resid[:, None, :]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x)[:, 0]
+    cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
 @torch.no_grad()
 def extract(
     model,
@@ -243,8 +257,8 @@ def extract(
             def grab(act, hook):
                 store[hooks[hook.name]] = act[rows, last].float().cpu()
 
-            logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(h, grab) for h in hooks])
-            last_logits = logits[rows, last].float().cpu()
+            resid = model.run_with_hooks(tokens, stop_at_layer=n_layers, fwd_hooks=[(h, grab) for h in hooks])
+            last_logits = last_token_logits(model, resid[rows, last]).float().cpu()
             batch_log_odds = last_logits[:, yes_id] - last_logits[:, no_id]
             if sink is not None:
                 sink.write(idx, store, batch_log_odds)

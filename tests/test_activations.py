@@ -47,3 +47,16 @@ def test_zoo_extraction_streams_to_disk_identically(tiny_model, tmp_path):
     assert all(torch.equal(disk.acts[k], mem.acts[k]) for k in (1, 2)) and torch.equal(disk.log_odds, mem.log_odds)
     with pytest.raises(ValueError, match="batch_size=0 is not accepted"):
         extract(tiny_model, prompts, [1], batch_size=0, progress=False)
+
+
+def test_last_token_logits_match_the_full_forward_pass_with_a_soft_cap(tiny_model, monkeypatch):
+    from madlib.activations import last_token_logits
+
+    toks = torch.tensor(encode(["Name: Bob\n\n1 + 2 = 4.", "Name: Alice\n\n1 + 2 = 3."]))
+    for cap in (0.0, 2.0):
+        monkeypatch.setattr(tiny_model.cfg, "output_logits_soft_cap", cap)
+        with torch.no_grad():
+            full = tiny_model(toks, return_type="logits")[:, -1]
+            resid = tiny_model(toks, stop_at_layer=tiny_model.cfg.n_layers)[:, -1]
+            assert torch.allclose(last_token_logits(tiny_model, resid), full, atol=1e-5)
+    assert full.abs().max() <= 2.0
