@@ -84,6 +84,28 @@ def extract_task(
     )
 
 
+def auroc_rows(
+    y: np.ndarray, agree: np.ndarray, test_scores: dict, agg: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> list[dict]:
+    """Per-layer, ``aggregated`` and ``mean`` AUROC rows with bootstrap CIs on each subset
+    (``all`` / ``agree`` / ``disagree``) of a test set with anomaly labels ``y``."""
+    rows = []
+    for subset in SUBSETS:
+        m = np.ones_like(y, dtype=bool) if subset == "all" else (agree if subset == "agree" else ~agree)
+        table = auroc_table(y[m], {k: v[m] for k, v in test_scores.items()}, agg[m], n_boot=n_boot, seed=seed)
+        rows.extend(dict(subset=subset, **r) for r in table)
+    return rows
+
+
+def score_frame(y: np.ndarray, agree: np.ndarray, test_scores: dict, agg: np.ndarray) -> pd.DataFrame:
+    """Per-example scores (``layer, is_anomalous, agreement, score``) of every layer and the aggregate."""
+    return pd.concat(
+        [pd.DataFrame(dict(layer=str(layer), is_anomalous=y, agreement=agree, score=s))
+         for layer, s in {**test_scores, "aggregated": agg}.items()],
+        ignore_index=True,
+    )  # fmt: skip
+
+
 def score_detectors(
     task: MadTask,
     feats: MadFeatures,
@@ -92,51 +114,22 @@ def score_detectors(
     seed: int = 0,
     standardise: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fit each detector on trusted features and score the test set.
+    """Fit each detector on trusted features and score the test set (the spine's minimal path; the
+    MAD chapter's full comparison is :func:`madlib.suite.run_suite`).
 
-    Returns the tidy AUROC table (``detector, layer, subset, auroc, ci_low, ci_high, n``; layer is a
+    Returns the tidy AUROC table (``detector, subset, layer, auroc, ci_low, ci_high, n``; layer is a
     layer number, ``aggregated`` or ``mean``) and the per-example scores (``detector, layer,
     is_anomalous, agreement, score``).
     """
-    rows, score_rows = [], []
+    rows, frames = [], []
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()
     for name in detectors:
         det = make_detector(name)
         det.fit(feats.trusted.acts, feats.untrusted.acts if det.uses_untrusted else None)
         test_scores = det.score(feats.test.acts)
-        trusted_scores = det.score(feats.trusted.acts) if standardise else None
-        agg = aggregate_layers(test_scores, trusted_scores)
-        for layer, s in {**test_scores, "aggregated": agg}.items():
-            score_rows.append(pd.DataFrame(dict(detector=name, layer=str(layer), is_anomalous=y, agreement=agree, score=s)))
-        for subset in SUBSETS:
-            m = np.ones_like(y, dtype=bool) if subset == "all" else (agree if subset == "agree" else ~agree)
-            table = auroc_table(y[m], {k: v[m] for k, v in test_scores.items()}, agg[m], n_boot=n_boot, seed=seed)
-            rows.extend(dict(detector=name, subset=subset, **r) for r in table)
-    return pd.DataFrame(rows), pd.concat(score_rows, ignore_index=True)
-
-
-def run_mad(
-    model,
-    model_name: str,
-    records: pd.DataFrame,
-    layers: list[int],
-    detectors: list[str],
-    max_test: int = 4000,
-    n_boot: int = 1000,
-    seed: int = 0,
-    batch_size: int = 128,
-    progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame, MadTask]:
-    """The whole MAD evaluation of one model on one dataset: tidy AUROC rows with ``model``,
-    ``dataset`` and ``seed`` columns, per-example scores, and the task."""
-    task = mad_task(records, max_test=max_test, seed=seed)
-    # also fails on an unknown detector name before any forward pass
-    needs_untrusted = any(make_detector(d).uses_untrusted for d in detectors)
-    feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress, untrusted=needs_untrusted)
-    auc, scores = score_detectors(task, feats, detectors, n_boot=n_boot, seed=seed)
-    for df in (auc, scores):
-        df.insert(0, "dataset", task.dataset)
-        df.insert(0, "model", model_name)
-    auc["seed"] = seed
-    return auc, scores, task
+        agg = aggregate_layers(test_scores, det.score(feats.trusted.acts) if standardise else None)
+        frames.append(score_frame(y, agree, test_scores, agg).assign(detector=name))
+        rows.extend(dict(detector=name, **r) for r in auroc_rows(y, agree, test_scores, agg, n_boot, seed))
+    scores = pd.concat(frames, ignore_index=True)
+    return pd.DataFrame(rows), scores[["detector", *[c for c in scores.columns if c != "detector"]]]

@@ -36,8 +36,8 @@ from . import data as qdata
 from .activations import hook_name
 from .cache import cached_tensors, feature_key
 from .detectors import DETECTORS, LabelledFeatures, make_detector
-from .mad import SUBSETS, MadFeatures, MadTask, extract_task, mad_task
-from .metrics import aggregate_layers, auroc, auroc_table, bootstrap_counts, weighted_auroc
+from .mad import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_task, score_frame
+from .metrics import aggregate_layers, auroc, bootstrap_counts, weighted_auroc
 
 ATP_SOURCES = {"atp_mean": "mean", "atp_pcs": "pcs", "atp_grad_norm": "grad_norm"}
 
@@ -253,18 +253,16 @@ def score_methods(
                 continue
             test_scores, trusted_scores = scored
             agg = aggregate_layers(test_scores, trusted_scores)
-        for layer, s in {**test_scores, "aggregated": agg}.items():
-            score_rows.append(pd.DataFrame(dict(method=m.name, layer=str(layer), is_anomalous=y, agreement=agree, score=s)))
-        for subset in SUBSETS:
-            mask = np.ones_like(y, dtype=bool) if subset == "all" else (agree if subset == "agree" else ~agree)
-            table = auroc_table(y[mask], {k: v[mask] for k, v in test_scores.items()}, agg[mask], n_boot=n_boot, seed=seed)
-            if test_scores and subset == "all":
-                table.append(best_layer_rows(y, test_scores, select, n_boot, seed))
-            rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, subset=subset, **r) for r in table)
+        score_rows.append(score_frame(y, agree, test_scores, agg).assign(method=m.name))
+        table = auroc_rows(y, agree, test_scores, agg, n_boot, seed)
+        if test_scores:
+            table.append(dict(subset="all", **best_layer_rows(y, test_scores, select, n_boot, seed)))
+        rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, **r) for r in table)
     auc = pd.DataFrame(rows)
     if "selected_layer" not in auc:
         auc["selected_layer"] = None
-    return auc, pd.concat(score_rows, ignore_index=True)
+    scores = pd.concat(score_rows, ignore_index=True)
+    return auc, scores[["method", *[c for c in scores.columns if c != "method"]]]
 
 
 def run_suite(

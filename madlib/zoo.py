@@ -55,6 +55,8 @@ class ZooConfig:
     n_rows: int = 1800  # base rows per dataset (two records each)
     max_digits: float = 1.5  # binary operands int(10**(U*max_digits)), here 1..31; squaring gets the same range (the seed: 3-4 digits)
     n_templates: int = 1  # statement templates per dataset (the seed draws from ten)
+    train_sets: int = 8  # generation seeds whose train-split rows the model is fitted on (data_seed, data_seed + 1, ...)
+    fact_rows: bool = True  # knowledge sets: also fit on the cities of data_seed's validation rows, under training names
     pretrain_steps: int = 0  # optimizer steps of pretraining on fact sentences (0 = none)
     pretrain_batch_size: int = 256  # sentences per pretraining step
     pretrain_lr: float = 3e-3  # peak learning rate of pretraining
@@ -80,7 +82,7 @@ class ZooConfig:
             raise ValueError(f"pretrain_steps={self.pretrain_steps!r} is not accepted; give an integer >= 0")
         if not 0 <= self.snapshot_step <= self.steps:
             raise ValueError(f"snapshot_step={self.snapshot_step!r} is not accepted; give an integer in [0, steps={self.steps}]")
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "steps", "batch_size", "eval_every"):
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "train_sets", "steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
 
@@ -133,7 +135,7 @@ PRESETS: dict[str, dict] = {
     # A few seconds per model: for tests and smoke runs of the notebooks, not for conclusions.
     "tiny": dict(
         n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_rows=400, pretrain_steps=20, pretrain_batch_size=32, steps=30,
-        batch_size=32, eval_every=15, n_val=64, snapshot_step=10,
+        batch_size=32, eval_every=15, n_val=64, snapshot_step=10, train_sets=2,
     ),  # fmt: skip
 }
 
@@ -190,6 +192,37 @@ def config_records(cfg: ZooConfig, dataset: str) -> pd.DataFrame:
 def training_records(cfg: ZooConfig) -> pd.DataFrame:
     """All records of the zoo datasets (both splits), with dataset names."""
     return pd.concat([config_records(cfg, d) for d in cfg.datasets], ignore_index=True)
+
+
+def fit_records(cfg: ZooConfig, records: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The records a model with config ``cfg`` is fitted on: the train split of
+    :func:`training_records` (``records``, if already built), the train-split rows of
+    ``train_sets - 1`` further generation seeds (``data_seed + 1``, ...: fresh operand pairs,
+    distractors and cities, so the model learns the rules rather than a few hundred rows), and
+    with ``fact_rows`` the validation rows of the knowledge sets under training names (the first
+    four of each character), so that the facts about every evaluated city are learnt in training,
+    as a pretrained model knows them. Validation prompts themselves (held-out names) are never fitted."""
+    records = training_records(cfg) if records is None else records
+    parts = [records[records["split"] == "train"]]
+    for i in range(1, cfg.train_sets):
+        for d in cfg.datasets:
+            more = qdata.quirky_dataset(d, n=cfg.n_rows, seed=cfg.data_seed + i, max_digits=dataset_digits(cfg, d),
+                                        n_templates=cfg.n_templates)  # fmt: skip
+            parts.append(more[more["split"] == "train"])
+    if cfg.fact_rows:
+        rng = np.random.default_rng([cfg.data_seed, FACT_ROWS_SEED])
+        facts = records[(records["split"] == "validation") & records["dataset"].isin(qdata.KNOWLEDGE)].copy()
+        names = {"alice": qdata.ALICE_NAMES[: qdata.N_TRUSTED_NAMES], "bob": qdata.BOB_NAMES[: qdata.N_TRUSTED_NAMES]}
+        facts["character"] = [names[t][rng.integers(len(names[t]))] for t in facts["character_type"]]
+        facts["prompt"] = [qdata.prompt(c, x, s) for c, x, s in zip(facts["character"], facts["context"], facts["statement"])]
+        parts.append(facts.assign(split="train"))
+    fit = pd.concat(parts, ignore_index=True)
+    held_out = set(records.loc[records["split"] == "validation", "prompt"])
+    return fit[~fit["prompt"].isin(held_out)].reset_index(drop=True)
+
+
+FACT_ROWS_SEED = 1729
+"""Seed offset of the training names given to the fact rows of :func:`fit_records`."""
 
 
 class FactSentences:
@@ -284,7 +317,7 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     pad_id = tok.token_to_id(PAD)
     no_id, yes_id = answer_ids(tok)
     recs = training_records(cfg)
-    train_df = recs[recs["split"] == "train"]
+    train_df = fit_records(cfg, recs)
     val_df = recs[recs["split"] == "validation"].sample(n=min(cfg.n_val, (recs["split"] == "validation").sum()), random_state=cfg.seed)
     enc_train = encode(train_df["prompt"].tolist(), tok)
     too_long = max(len(s) for s in enc_train)

@@ -1,6 +1,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,28 @@ def test_build_zoo_trains_in_parallel_processes_and_loads_everything(tmp_path, m
     assert all(torch.equal(v, models["zoo-gpt2"].state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="models='zoo-t5'"):
         zoo.build_zoo(["zoo-t5"], preset="tiny")
+
+
+def test_fit_records_add_generation_seeds_and_city_facts_but_never_a_validation_prompt():
+    from madlib import data as qdata
+
+    cfg = zoo.zoo_config("zoo-gpt2", "tiny")
+    one = replace(cfg, train_sets=1, fact_rows=False)
+    recs = zoo.training_records(cfg)
+    base = zoo.fit_records(one, recs)
+    val = recs[recs["split"] == "validation"]
+    train = recs[recs["split"] == "train"]
+    assert (base["split"] == "train").all() and len(base) == (~train["prompt"].isin(val["prompt"])).sum()
+    fit = zoo.fit_records(cfg, recs)
+    assert not set(fit["prompt"]) & set(val["prompt"])
+    arith = fit[fit["dataset"] == "addition"]
+    assert len(arith) > 1.9 * (base["dataset"] == "addition").sum()  # a second generation seed
+    for d in qdata.KNOWLEDGE:
+        val_cities = set(val.loc[val["dataset"] == d, "city"])
+        fitted = fit[(fit["dataset"] == d) & fit["city"].isin(val_cities)]
+        assert val_cities <= set(fitted["city"])
+        first = {*qdata.ALICE_NAMES[:4], *qdata.BOB_NAMES[:4]}
+        facts = fitted[fitted["row_id"].isin(val.loc[val["dataset"] == d, "row_id"]) & fitted["character"].isin(first)]
+        assert len(facts) >= len(val[val["dataset"] == d])
+        assert (facts["label"] == np.where(facts["character_type"] == "alice", facts["alice_label"], facts["bob_label"])).all()
+    assert zoo.fit_records(cfg, recs).equals(fit)  # deterministic
