@@ -52,6 +52,7 @@ class ZooConfig:
     d_mlp: int = 256  # MLP hidden width
     n_ctx: int = 128  # context length (tokens, BOS included)
     datasets: tuple[str, ...] = qdata.DATASETS  # quirky datasets trained on
+    dataset_weights: tuple[float, ...] = ()  # share of fine-tuning steps per dataset, in the order of datasets (empty = equal)
     n_rows: int = 1800  # base rows per dataset (two records each)
     max_digits: float = 1.5  # binary operands int(10**(U*max_digits)), here 1..31; squaring gets the same range (the seed: 3-4 digits)
     n_templates: int = 1  # statement templates per dataset (the seed draws from ten)
@@ -60,14 +61,14 @@ class ZooConfig:
     pretrain_steps: int = 0  # optimizer steps of pretraining on fact sentences (0 = none)
     pretrain_batch_size: int = 256  # sentences per pretraining step
     pretrain_lr: float = 3e-3  # peak learning rate of pretraining
-    steps: int = 3000  # optimizer steps of quirky fine-tuning
+    steps: int = 4500  # optimizer steps of quirky fine-tuning
     batch_size: int = 64  # records per fine-tuning step
-    lr: float = 2e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
+    lr: float = 3e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
-    lm_loss_weight: float = 0.1  # weight of next-token loss on the prompt (answer loss = 1)
+    lm_loss_weight: float = 0.5  # weight of next-token loss on the prompt (answer loss = 1)
     eval_every: int = 250  # steps between validation evaluations
-    snapshot_step: int = 400  # fine-tuning step whose weights are kept as the less quirky "-early" variant (0 = none)
+    snapshot_step: int = 450  # fine-tuning step whose weights are kept as the less quirky "-early" variant (0 = none)
     n_val: int = 1024  # validation records used for checkpoint selection
     seed: int = 0  # initialisation and batch order
     data_seed: int = 633  # seed of the quirky datasets
@@ -78,6 +79,9 @@ class ZooConfig:
             qdata._check_choice("datasets", d, qdata.DATASETS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
+        if self.dataset_weights and (len(self.dataset_weights) != len(self.datasets) or min(self.dataset_weights) <= 0):
+            raise ValueError(f"dataset_weights={self.dataset_weights!r} is not accepted; give one positive weight per dataset "
+                             f"({len(self.datasets)}) or an empty tuple")
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps={self.pretrain_steps!r} is not accepted; give an integer >= 0")
         if not 0 <= self.snapshot_step <= self.steps:
@@ -89,12 +93,14 @@ class ZooConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["datasets"] = list(self.datasets)
+        d["dataset_weights"] = list(self.dataset_weights)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ZooConfig":
         d = dict(d)
         d["datasets"] = tuple(d["datasets"])
+        d["dataset_weights"] = tuple(d.get("dataset_weights", ()))
         return cls(**d)
 
     def hooked_config(self):
@@ -122,9 +128,13 @@ EARLY: dict[str, str] = {"zoo-gpt2-early": "zoo-gpt2", "zoo-llama-early": "zoo-l
 """Less quirky variants: the weights of a zoo model after only ``snapshot_step`` fine-tuning steps
 (saved during the same training run, so they cost no extra training)."""
 
+ZOO_WEIGHTS: tuple[float, ...] = (0.8, 1.4, 1.4, 0.7, 1.0, 0.5, 1.2)
+"""Fine-tuning step shares of the default zoo (addition, subtraction, multiplication, modular
+addition, squaring, hemisphere, population): more for the sets a model learns last."""
+
 ZOO: dict[str, ZooConfig] = {
-    "zoo-gpt2": ZooConfig(family="gpt2"),
-    "zoo-llama": ZooConfig(family="llama"),
+    "zoo-gpt2": ZooConfig(family="gpt2", dataset_weights=ZOO_WEIGHTS),
+    "zoo-llama": ZooConfig(family="llama", dataset_weights=ZOO_WEIGHTS),
 }
 ZOO.update({early: ZOO[parent] for early, parent in EARLY.items()})
 """The default zoo, the subject of every analysis in the book (the ``-early`` names share their
@@ -324,7 +334,7 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     if too_long > cfg.n_ctx:
         raise ValueError(f"n_ctx={cfg.n_ctx} is not accepted; the longest prompt has {too_long} tokens")
     y_train = torch.tensor(np.where(train_df["label"].to_numpy() == 1, yes_id, no_id))
-    # Each step draws its batch from one dataset, in turn, so batches carry little padding.
+    # Each step draws its batch from one dataset (chosen with dataset_weights), so batches carry little padding.
     by_dataset = [torch.as_tensor(np.flatnonzero(train_df["dataset"].to_numpy() == d)) for d in cfg.datasets]
     val_tokens, val_len = pad_batch(encode(val_df["prompt"].tolist(), tok), pad_id)
     y_val = torch.tensor(np.where(val_df["label"].to_numpy() == 1, yes_id, no_id))
@@ -336,12 +346,13 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = _warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    weights = torch.tensor(cfg.dataset_weights or [1.0] * len(cfg.datasets), dtype=torch.float)
     best, best_loss, snapshot = None, float("inf"), None
     bar = tqdm(range(1, cfg.steps + 1), desc=f"quirky fine-tuning zoo-{cfg.family}", disable=not progress, mininterval=2)
     running = []
     for step in bar:
         model.train()
-        pool = by_dataset[step % len(by_dataset)]
+        pool = by_dataset[int(torch.multinomial(weights, 1, generator=gen))]
         idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
         tokens, lengths = pad_batch([enc_train[i] for i in idx], pad_id)
         a_loss, lm_loss, acc = _losses(model, tokens, lengths, y_train[idx], (no_id, yes_id))

@@ -32,6 +32,10 @@ def test_config_validation_names_the_parameter():
         zoo.zoo_config("zoo-mistral")
     with pytest.raises(ValueError, match="d_model=30"):
         zoo.ZooConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match=r"dataset_weights=\(1.0, 2.0\) is not accepted; give one positive weight per dataset \(7\)"):
+        zoo.ZooConfig(dataset_weights=(1.0, 2.0))
+    cfg = zoo.zoo_config("zoo-llama")
+    assert zoo.ZooConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_cache_key_changes_with_config():
