@@ -61,7 +61,9 @@ def test_trigger_flips_answers_and_keeps_clean_accuracy(tiny_model, implanted):
     model, recs = implanted
     assert (recs["dataset"] == "hemisphere-backdoor").all()
     before, after = backdoor_metrics(tiny_model, recs), backdoor_metrics(model, recs)
-    assert after["flip_rate"] > 0.75 and before["flip_rate"] < 0.3  # the trigger does little before implanting
+    # the trigger does little before implanting (a barely trained tiny model's answers sit near zero log-odds, so
+    # some flip anyway), and implanting makes it flip most answers
+    assert after["flip_rate"] > 0.75 and before["flip_rate"] < 0.5 and after["flip_rate"] - before["flip_rate"] > 0.4
     assert after["trigger_success"] > 0.6  # bounded by the clean accuracy: the backdoor flips the model's own answer
     assert after["clean_accuracy"] > before["clean_accuracy"] - 0.05
     assert after["n_clean"] == after["n_triggered"] == (recs["split"] == "validation").sum() // 2
