@@ -77,14 +77,6 @@ class Extraction:
         return Extraction({k: v[m] for k, v in self.acts.items()}, self.log_odds[m])
 
 
-def _zoo_only(model) -> None:
-    if getattr(model, "zoo_config", None) is None:
-        raise ValueError(
-            f"model={type(model).__name__} is not accepted; extraction supports the zoo models of madlib.zoo "
-            "(load them with madlib.zoo.get_model)"
-        )
-
-
 def answer_token_ids(tokenizer, context: str = ANSWER_CONTEXT) -> tuple[int, int]:
     """Ids of the first token of `` No`` and of `` Yes`` when they follow ``context``.
 
