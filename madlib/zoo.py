@@ -61,8 +61,8 @@ class ZooConfig:
     pretrain_steps: int = 0  # optimizer steps of pretraining on fact sentences (0 = none)
     pretrain_batch_size: int = 256  # sentences per pretraining step
     pretrain_lr: float = 3e-3  # peak learning rate of pretraining
-    steps: int = 4500  # optimizer steps of quirky fine-tuning
-    batch_size: int = 64  # records per fine-tuning step
+    steps: int = 3600  # optimizer steps of quirky fine-tuning
+    batch_size: int = 48  # records per fine-tuning step
     lr: float = 3e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
@@ -128,13 +128,9 @@ EARLY: dict[str, str] = {"zoo-gpt2-early": "zoo-gpt2", "zoo-llama-early": "zoo-l
 """Less quirky variants: the weights of a zoo model after only ``snapshot_step`` fine-tuning steps
 (saved during the same training run, so they cost no extra training)."""
 
-ZOO_WEIGHTS: tuple[float, ...] = (0.8, 1.4, 1.4, 0.7, 1.0, 0.5, 1.2)
-"""Fine-tuning step shares of the default zoo (addition, subtraction, multiplication, modular
-addition, squaring, hemisphere, population): more for the sets a model learns last."""
-
 ZOO: dict[str, ZooConfig] = {
-    "zoo-gpt2": ZooConfig(family="gpt2", dataset_weights=ZOO_WEIGHTS),
-    "zoo-llama": ZooConfig(family="llama", dataset_weights=ZOO_WEIGHTS),
+    "zoo-gpt2": ZooConfig(family="gpt2"),
+    "zoo-llama": ZooConfig(family="llama"),
 }
 ZOO.update({early: ZOO[parent] for early, parent in EARLY.items()})
 """The default zoo, the subject of every analysis in the book (the ``-early`` names share their
