@@ -61,8 +61,8 @@ class ZooConfig:
     pretrain_steps: int = 0  # optimizer steps of pretraining on fact sentences (0 = none)
     pretrain_batch_size: int = 256  # sentences per pretraining step
     pretrain_lr: float = 3e-3  # peak learning rate of pretraining
-    steps: int = 3600  # optimizer steps of quirky fine-tuning
-    batch_size: int = 48  # records per fine-tuning step
+    steps: int = 4500  # optimizer steps of quirky fine-tuning
+    batch_size: int = 64  # records per fine-tuning step
     lr: float = 3e-3  # peak AdamW learning rate of fine-tuning (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 100  # warm-up steps
