@@ -10,20 +10,18 @@ import seaborn as sns
 from .paths import atomic_path, results_dir
 
 
-def savefig(fig, analysis: str, name: str) -> str:
-    """Save ``fig`` as ``_build/results/<analysis>/<name>.png`` (atomically); return the path."""
-    path = results_dir(analysis) / f"{name}.png"
-    with atomic_path(path) as tmp:
+def savefig(fig, analysis: str, name: str) -> None:
+    """Save ``fig`` as ``_build/results/<analysis>/<name>.png`` (atomically). Nothing is returned, so a
+    notebook cell ending in this call shows the figure, not a path of the build."""
+    with atomic_path(results_dir(analysis) / f"{name}.png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    return str(path)
 
 
-def write_table(df: pd.DataFrame, analysis: str, name: str) -> str:
-    """Write a tidy table as ``_build/results/<analysis>/<name>.csv`` (atomically)."""
-    path = results_dir(analysis) / f"{name}.csv"
-    with atomic_path(path) as tmp:
+def write_table(df: pd.DataFrame, analysis: str, name: str) -> None:
+    """Write a tidy table as ``_build/results/<analysis>/<name>.csv`` (atomically; nothing is returned,
+    as for :func:`savefig`)."""
+    with atomic_path(results_dir(analysis) / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)
-    return str(path)
 
 
 def training_curves(histories: dict[str, pd.DataFrame], snapshots: dict[str, int] | None = None):

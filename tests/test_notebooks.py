@@ -85,7 +85,7 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     html = (root / "_build" / "html" / "book" / "generated" / "mad_auc.html").read_text()
     assert "<img" in html and "Mean aggregated AUROC" in html
     assert (root / "_build" / "html" / "index.html").is_file()
-    for name in NOTEBOOKS:  # no cell prints a file path of the build (e.g. a figure's path returned by plots.savefig)
+    for name in NOTEBOOKS:  # no cell prints a file path of the build (e.g. a path a cell ends on)
         page = (root / "_build" / "html" / "book" / "generated" / f"{name}.html").read_text()
         assert str(root / "_build") not in page, f"{name}.html shows a path under _build"
 
