@@ -65,8 +65,11 @@ def answer_ids(tok: Tokenizer | None = None) -> tuple[int, int]:
     return tuple(tok.token_to_id(a) for a in ANSWERS)  # type: ignore[return-value]
 
 
-def encode(texts: list[str], tok: Tokenizer | None = None) -> list[list[int]]:
-    """Token ids of each text, prefixed with BOS."""
+def encode(texts: list[str], tok: Tokenizer | None = None, offsets: bool = False):
+    """Token ids of each text, prefixed with BOS; with ``offsets``, also each token's character
+    span ``(start, end)`` in its text (BOS: ``(0, 0)``)."""
     tok = tok or build_tokenizer()
     bos = tok.token_to_id(BOS)
-    return [[bos, *e.ids] for e in tok.encode_batch(texts, add_special_tokens=False)]
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    ids = [[bos, *e.ids] for e in encodings]
+    return (ids, [[(0, 0), *e.offsets] for e in encodings]) if offsets else ids

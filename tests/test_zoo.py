@@ -21,8 +21,50 @@ def test_tokenizer_is_deterministic_and_answers_are_single_tokens():
 
 def test_two_families_have_their_architectures():
     gpt2, llama = zoo.zoo_config("zoo-gpt2").hooked_config(), zoo.zoo_config("zoo-llama").hooked_config()
-    assert (gpt2.normalization_type, gpt2.positional_embedding_type, gpt2.act_fn, gpt2.gated_mlp) == ("LN", "standard", "gelu_new", False)
+    assert (gpt2.normalization_type, gpt2.positional_embedding_type, gpt2.act_fn, gpt2.gated_mlp) == ("LN", "standard", "gelu", False)
     assert (llama.normalization_type, llama.positional_embedding_type, llama.act_fn, llama.gated_mlp) == ("RMS", "rotary", "silu", True)
+    # the same MLP size: two matrices of width d_mlp against Llama's three of two thirds the width
+    assert abs(3 * llama.d_mlp / (2 * gpt2.d_mlp) - 1) < 0.01
+
+
+@pytest.mark.parametrize("name", ["zoo-gpt2", "zoo-llama"])
+def test_final_resid_is_the_hooked_forward_pass_values_and_gradients(name):
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(0)
+    model = HookedTransformer(zoo.zoo_config(name, "tiny").hooked_config())
+    with torch.no_grad():
+        for p in model.parameters():  # move every parameter, biases and norm weights included, off its initial value
+            p.add_(0.2 * torch.randn_like(p))
+    tokens = torch.randint(3, 600, (6, 17))
+    tokens[:3, 11:] = 0  # right padding
+    reference = model(tokens, return_type="logits")
+    fast = zoo.final_resid(model, tokens) @ model.W_U + model.b_U
+    assert torch.allclose(fast, reference, atol=1e-4), (fast - reference).abs().max()
+    grads = []
+    for logits in (reference, fast):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits[:3, :10].flatten(0, 1), tokens[:3, 1:11].flatten()).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-4), k
+
+
+def test_content_spans_cover_context_and_statement_only():
+    from madlib import data
+
+    tok = build_tokenizer()
+    for ds in ("population", "addition"):
+        df = data.quirky_dataset(ds, n=6, seed=3, n_templates=1)
+        ids, offsets = encode(df["prompt"].tolist(), tok, offsets=True)
+        assert ids == encode(df["prompt"].tolist(), tok)
+        spans = zoo.content_spans(df["prompt"].tolist(), df["character"].tolist(), offsets)
+        for (lo, hi), row, seq in zip(spans.tolist(), df.itertuples(), ids):
+            inside, before, after = tok.decode(seq[lo:hi]), tok.decode(seq[1:lo]), tok.decode(seq[hi:])
+            assert inside.endswith(f"***STATEMENT:*** {row.statement}") and row.context in inside
+            assert before.startswith(f"Name: {row.character}") and len(before) <= len(f"Name: {row.character}") + 3
+            assert after == "\n\nIs the statement factually correct?"
 
 
 def test_config_validation_names_the_parameter():
