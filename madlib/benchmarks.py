@@ -1,7 +1,8 @@
 """Speed and memory benchmarks of the MAD pipeline.
 
 1. **Extraction overhead**: :func:`madlib.activations.extract` (hooks at every layer, gathering the
-   last token, log-odds) against a bare forward pass of the same model on the same padded batches.
+   last token, log-odds) against a bare forward pass of the same model on the same prompts, tokenized
+   and padded into the same batches.
 2. **Mahalanobis**: :class:`madlib.detectors.Mahalanobis` fit + score on ``n x d`` Gaussian
    features against sklearn's ``EmpiricalCovariance`` + ``mahalanobis`` (largest absolute
    difference of the scores, after putting both on the same scale, and the speed ratio).
@@ -34,24 +35,35 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def paired_times(baseline, candidate, rounds: int) -> tuple[float, float, float]:
+    """Best wall time of each function and the median over rounds of candidate / baseline. The two
+    run back to back in every round, in alternating order, so a drift of the machine's speed (a
+    shared or throttled CPU) reaches both alike instead of landing on one of them."""
+    times = np.zeros((rounds, 2))
+    for r in range(rounds):
+        for j in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (baseline if j == 0 else candidate)()
+            times[r, j] = time.perf_counter() - t0
+    return float(times[:, 0].min()), float(times[:, 1].min()), float(np.median(times[:, 1] / times[:, 0]))
+
+
 @torch.no_grad()
 def extraction_overhead(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
     from .activations import encode_prompts, extract
     from .zoo import pad_batch
 
     layers = list(range(model.cfg.n_layers + 1))
-    seqs, pad_id, _ = encode_prompts(model, prompts)
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    batches = [pad_batch([seqs[i] for i in order[s : s + batch_size]], pad_id)[0] for s in range(0, len(seqs), batch_size)]
 
-    def bare():
-        for tokens in batches:
-            model(tokens, return_type="logits")
+    def bare():  # from the same strings to the same length-sorted batches, then model(tokens) alone
+        seqs, pad_id, _ = encode_prompts(model, prompts)
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        for s in range(0, len(seqs), batch_size):
+            model(pad_batch([seqs[i] for i in order[s : s + batch_size]], pad_id)[0], return_type="logits")
 
-    t_bare = best_time(bare, repeats)
-    t_extract = best_time(lambda: extract(model, prompts, layers, batch_size=batch_size, progress=False), repeats)
+    t_bare, t_extract, ratio = paired_times(bare, lambda: extract(model, prompts, layers, batch_size=batch_size, progress=False), repeats)
     return dict(benchmark="extraction", n=len(prompts), layers=len(layers), bare_s=t_bare, madlib_s=t_extract,
-                overhead=t_extract / t_bare - 1)  # fmt: skip
+                overhead=ratio - 1)  # fmt: skip
 
 
 def mahalanobis_vs_sklearn(n: int, d: int, repeats: int, seed: int = 0) -> dict:
@@ -98,7 +110,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, methods=int(auc['method'
 
 
 def run(model: str = "zoo-gpt2", preset: str = "default", dataset: str = "hemisphere", n_prompts: int = 2000,
-        batch_size: int = 256, maha_n: int = 10_000, maha_d: int = 512, repeats: int = 3) -> pd.DataFrame:
+        batch_size: int = 256, maha_n: int = 10_000, maha_d: int = 512, repeats: int = 7) -> pd.DataFrame:
     """All three benchmarks; one row each (columns differ per benchmark)."""
     from . import zoo
 
