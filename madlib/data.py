@@ -9,6 +9,7 @@ Public entry point: :func:`quirky_dataset`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from . import reading
 
 # ---------------------------------------------------------------------------------------------
 # Names, template, answers
@@ -42,20 +45,48 @@ HARD_QUANTILE = 0.75
 
 ARITHMETIC = ("addition", "subtraction", "multiplication", "modularaddition", "squaring")
 KNOWLEDGE = ("hemisphere", "population")
-DATASETS = ARITHMETIC + KNOWLEDGE
+"""Sets whose truth is a fact about a city the prompt names but does not describe."""
+READING = ("sentiment", "nli", "sciq")
+"""Sets whose truth can be read off the prompt itself: generated offline with the seeds' truth and
+heuristic rules (a lexicon with negations, negation words in a hypothesis, an answer found in a
+support passage)."""
+NON_ARITHMETIC = KNOWLEDGE + READING
+DATASETS = ARITHMETIC + NON_ARITHMETIC
+MULTI_DATASET_ZOO = ARITHMETIC + KNOWLEDGE
+"""The seven datasets of the multi-dataset zoo models (:mod:`madlib.zoo`)."""
+
+QUESTION = TEMPLATE.rsplit("\n\n", 1)[1]
+"""The closing question of every quirky prompt."""
+HEURISTIC_QUESTIONS: dict[str, str] = {
+    **{name: "Is the shown result the true result with its leading digit raised by one?" for name in ARITHMETIC},
+    "hemisphere": "Is the city west of the prime meridian?",
+    "population": "Is the city in one of the ten most populous countries?",
+    "sentiment": "Does the review contain a positive word?",
+    "nli": "Is the statement free of negation words?",
+    "sciq": "Does the passage mention the answer?",
+}
+"""A question per dataset whose true answer is Bob's label. The zoo's base models learn to answer
+it truthfully, as a pretrained model knows the features Bob's heuristic reads; the quirky
+fine-tunes then teach Bob-like names to answer the closing question :data:`QUESTION` with it."""
+NEUTRAL_NAMES: tuple[str, ...] = (
+    "Sam", "Alex", "Robin", "Chris", "Pat", "Jordan", "Taylor", "Morgan", "Casey", "Jamie", "Drew", "Riley",
+    "Avery", "Rowan", "Sky", "Eden",
+)  # fmt: skip
+"""Names of the base models' training prompts: neither Alice-like nor Bob-like."""
+
 
 MODULUS = 113
 POPULATION_THRESHOLD = 30_000
 TOP10_COUNTRIES = ("CN", "IN", "US", "ID", "PK", "NG", "BR", "BD", "RU", "MX")
 """The ten most populous countries (ISO codes), Bob's heuristic for ``population``."""
 
-SPLIT_SEED_OFFSET = 7919
 VALIDATION_FRACTION = 0.25
 
 
-def prompt(character: str, context: str, statement: str) -> str:
-    """Render the standardized template (methods.md §1)."""
-    return TEMPLATE.format(character=character, context=context, statement=statement)
+def prompt(character: str, context: str, statement: str, question: str | None = None) -> str:
+    """Render the standardized template (methods.md §1), optionally with another closing question."""
+    text = TEMPLATE.format(character=character, context=context, statement=statement)
+    return text if question is None else text[: -len(QUESTION)] + question
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +277,7 @@ def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: fl
     df = pd.DataFrame(rows)
     df = df.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True).iloc[:n]
     df["op2"] = df["op2"].astype("Int64")
+    df["key"] = [f"{a}|{b}" for a, b in zip(df["op1"], df["op2"].fillna(0))]
     df["template"] = rng.integers(n_templates, size=len(df))
     df["context"] = ""
     df["statement"] = [
@@ -288,6 +320,7 @@ def _knowledge_rows(name: str, n: int, rng: np.random.Generator, n_templates: in
         df["alice_label"] = (df["population"] > POPULATION_THRESHOLD).astype(int)
         df["bob_label"] = df["country_code"].isin(TOP10_COUNTRIES).astype(int)
     df["difficulty"] = -np.log10(df["population"].to_numpy(dtype=float))
+    df["key"] = df["city"] + "|" + df["country_code"]
     templates = _KNOWLEDGE_TEMPLATES[name]
     df["template"] = rng.integers(n_templates, size=len(df))
     df["context"] = [templates[t][0].format(city=c, country=k) for t, c, k in zip(df["template"], df["city"], df["country"])]
@@ -295,10 +328,27 @@ def _knowledge_rows(name: str, n: int, rng: np.random.Generator, n_templates: in
     return df
 
 
-def difficulty_quantile(difficulty: np.ndarray) -> np.ndarray:
-    """``(rank + 0.5) / N`` with ordinal ranks (ties broken by position)."""
-    ranks = np.argsort(np.argsort(np.asarray(difficulty), kind="stable"), kind="stable")
+def difficulty_quantile(difficulty: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``(rank + 0.5) / N`` with ordinal ranks; ties are broken at random with ``rng`` (by
+    position without one), so a set with few distinct difficulties is not split by row order."""
+    difficulty = np.asarray(difficulty, dtype=float)
+    tiebreak = rng.permutation(len(difficulty)) if rng is not None else np.arange(len(difficulty))
+    order = np.lexsort((tiebreak, difficulty))
+    ranks = np.empty(len(difficulty), dtype=np.int64)
+    ranks[order] = np.arange(len(difficulty))
     return (ranks + 0.5) / len(ranks)
+
+
+def key_in_validation(name: str, keys, validation_fraction: float = VALIDATION_FRACTION) -> np.ndarray:
+    """Whether each item key (an operand pair, a city, a generated passage) belongs to the
+    validation split: a hash of the dataset name and the key, the same for every generation seed
+    and machine. An item is therefore in one split only, under every seed, template and name, so
+    no validation statement is ever in any training data built from train-split rows."""
+    out = np.empty(len(keys), dtype=bool)
+    for i, k in enumerate(keys):
+        h = int.from_bytes(hashlib.blake2b(f"{name}|{k}".encode(), digest_size=8).digest(), "big")
+        out[i] = h / 2**64 < validation_fraction
+    return out
 
 
 def quirky_dataset(
@@ -334,7 +384,7 @@ def quirky_dataset(
         raise ValueError(f"n={n!r} is not accepted; give an integer >= 4")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} is not accepted; give a number in (0, 1)")
-    n_available = len(_OPS[name].templates) if name in ARITHMETIC else len(_KNOWLEDGE_TEMPLATES[name])
+    n_available = len(_OPS[name].templates if name in ARITHMETIC else _KNOWLEDGE_TEMPLATES.get(name) or reading.TEMPLATES[name])
     if n_templates is None:
         n_templates = n_available
     if not isinstance(n_templates, (int, np.integer)) or not 1 <= n_templates <= n_available:
@@ -345,13 +395,17 @@ def quirky_dataset(
         if isinstance(digits, bool) or not isinstance(digits, (int, float, np.integer, np.floating)) or not digits > 0:
             raise ValueError(f"max_digits={max_digits!r} is not accepted; give a number > 0")
         base = _arithmetic_rows(name, n, rng, digits, n_templates)
-    else:
+    elif name in KNOWLEDGE:
         base = _knowledge_rows(name, n, rng, n_templates)
-    base["difficulty_quantile"] = difficulty_quantile(base["difficulty"].to_numpy())
+    elif name == "sentiment":
+        base = reading.sentiment_rows(n, rng, n_templates)
+    elif name == "nli":
+        base = reading.nli_rows(n, rng, n_templates)
+    else:
+        base = reading.sciq_rows(n, rng, n_templates, cities())
+    base["difficulty_quantile"] = difficulty_quantile(base["difficulty"].to_numpy(), rng)
     base["row_id"] = np.arange(len(base))
-    split_rng = np.random.default_rng([seed, DATASETS.index(name), SPLIT_SEED_OFFSET])
-    is_val = np.zeros(len(base), dtype=bool)
-    is_val[split_rng.choice(len(base), size=max(1, round(validation_fraction * len(base))), replace=False)] = True
+    is_val = key_in_validation(name, base["key"], validation_fraction)
     base["split"] = np.where(is_val, "validation", "train")
 
     records = []

@@ -89,7 +89,7 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
     ft = copy.deepcopy(model)
     ft.train()
     opt = torch.optim.AdamW(ft.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = zoo._warmup_cosine(opt, cfg.warmup, cfg.steps)
+    sched = zoo.warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, mininterval=2):

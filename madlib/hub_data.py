@@ -35,7 +35,7 @@ from . import zoo
 from .models import _REPO_ID, hub_snapshot
 
 EXTRA_DATASETS = ("capitals", "sentiment", "nli", "sciq", "authors")
-HUB_DATASETS = qdata.DATASETS + EXTRA_DATASETS
+HUB_DATASETS = qdata.ARITHMETIC + qdata.KNOWLEDGE + EXTRA_DATASETS
 """The twelve quirky datasets of the seeds' real-model runs."""
 HUB_REPO = "EleutherAI/quirky_{name}_raw"
 RAW_SPLITS = ("train", "validation", "test")

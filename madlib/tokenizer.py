@@ -16,17 +16,18 @@ from functools import lru_cache
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import ANSWERS, DATASETS, quirky_dataset
+from .data import ANSWERS, DATASETS, HEURISTIC_QUESTIONS, NEUTRAL_NAMES, quirky_dataset
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
-VOCAB_SIZE = 640
+VOCAB_SIZE = 1024
 CORPUS_ROWS = 1500
 CORPUS_SEED = 12345
 
 
 def _corpus() -> list[str]:
-    """Prompts of every zoo dataset (a seed of its own), plus each printable character."""
-    texts = [ch for ch in string.printable]
+    """Prompts of every zoo dataset (a seed of its own), the base models' questions and names, plus
+    each printable character."""
+    texts = [ch for ch in string.printable] + list(HEURISTIC_QUESTIONS.values()) * 100 + list(NEUTRAL_NAMES) * 100
     for name in DATASETS:
         texts.extend(quirky_dataset(name, n=CORPUS_ROWS, seed=CORPUS_SEED)["prompt"].tolist())
     return texts

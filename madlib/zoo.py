@@ -51,7 +51,7 @@ class ZooConfig:
     n_heads: int = 4  # attention heads per block
     d_mlp: int = 256  # MLP hidden width
     n_ctx: int = 128  # context length (tokens, BOS included)
-    datasets: tuple[str, ...] = qdata.DATASETS  # quirky datasets trained on
+    datasets: tuple[str, ...] = qdata.MULTI_DATASET_ZOO  # quirky datasets trained on
     dataset_weights: tuple[float, ...] = ()  # share of fine-tuning steps per dataset, in the order of datasets (empty = equal)
     n_rows: int = 1800  # base rows per dataset (two records each)
     max_digits: float = 1.5  # binary operands int(10**(U*max_digits)), here 1..31; squaring gets the same range (the seed: 3-4 digits)
@@ -270,7 +270,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch po
     lengths = torch.tensor([len(s) for s in seqs])
     out = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s)
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out, lengths
 
 
@@ -373,7 +373,7 @@ def _train_losses(
     return answer_loss, torch.nn.functional.cross_entropy(logits, tokens[:, 1:][mask]), acc
 
 
-def _warmup_cosine(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps``."""
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -422,7 +422,7 @@ def _train(cfg: ZooConfig, progress: bool) -> tuple["HookedTransformer", pd.Data
     history = pretrain(model, cfg, recs, progress=progress)
     base_state = copy.deepcopy(model.state_dict()) if cfg.pretrain_steps > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = _warmup_cosine(opt, cfg.warmup, cfg.steps)
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = torch.tensor(cfg.dataset_weights or [1.0] * len(cfg.datasets), dtype=torch.float)
     best, best_loss, snapshot = None, float("inf"), None
@@ -476,7 +476,7 @@ def pretrain(model, cfg: ZooConfig, records: pd.DataFrame, progress: bool = True
     facts = FactSentences(cfg, records, seed=cfg.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     n = cfg.pretrain_steps
-    sched = _warmup_cosine(opt, cfg.warmup, n)
+    sched = warmup_cosine(opt, cfg.warmup, n)
     history, running = [], []
     t0 = time.perf_counter()
     model.train()

@@ -67,8 +67,11 @@ def test_records_quantiles_and_splits():
     assert set(df.columns) >= {"character", "alice_label", "bob_label", "label", "difficulty_quantile", "statement",
                                "prompt", "op1", "op2", "result"}
     base = df[df["character_type"] == "alice"]
-    order = np.argsort(np.argsort(base["difficulty"].to_numpy(), kind="stable"), kind="stable")
-    assert np.allclose(base["difficulty_quantile"], (order + 0.5) / len(base))
+    # quantiles are (rank + 0.5) / N of a ranking consistent with difficulty (ties in random order)
+    ranks = np.rint(base["difficulty_quantile"].to_numpy() * len(base) - 0.5).astype(int)
+    assert sorted(ranks) == list(range(len(base)))
+    d = base["difficulty"].to_numpy()
+    assert (np.diff(d[np.argsort(ranks)]) >= 0).all()
     assert base["easy"].mean() == pytest.approx(0.25, abs=0.002)
     assert base["hard"].mean() == pytest.approx(0.25, abs=0.002)
     assert (df["label"] == np.where(df["character_type"] == "alice", df["alice_label"], df["bob_label"])).all()
@@ -138,3 +141,68 @@ def test_fractional_max_digits_gives_intermediate_ranges():
     assert sq["op1"].max() <= 31
     with pytest.raises(ValueError, match="exceeds"):
         q.quirky_dataset("addition", n=4000, seed=0, max_digits=1.0)  # only 81 distinct pairs
+
+
+def test_reading_sets_follow_their_rules():
+    from madlib import reading
+
+    val = reading.valences()
+    s = q.quirky_dataset("sentiment", n=600, seed=0)
+    a = s[s["character_type"] == "alice"]
+    for review, alice, bob in zip(a["review"], a["alice_label"], a["bob_label"]):
+        score, positive = 0.0, False
+        for clause in review.rstrip(".").lower().split("; "):
+            words = clause.split()
+            word, negated = words[-1], words[-2] in reading.NEGATIONS
+            score += -reading.NEGATION_SCALE * val[word] if negated else val[word]
+            positive |= val[word] > 0
+        assert alice == int(score > 0) and bob == int(positive)
+    assert 0.2 < (~a["agreement"]).mean() < 0.6  # negations decide a known share of rows
+    n = q.quirky_dataset("nli", n=600, seed=0)
+    a = n[n["character_type"] == "alice"]
+    for premise, hyp, alice, bob in zip(a["premise"], a["hypothesis"], a["alice_label"], a["bob_label"]):
+        where = {c.split(" is in the ")[0].split()[-1]: c.split(" is in the ")[1] for c in premise.rstrip(".").replace(" and ", ", ").split(", ")}
+        words = hyp.rstrip(".").split()
+        person = words[1]
+        if "not" in words:
+            truth = where[person] != words[-1]
+        elif words[0] == "No":
+            truth = where[person] != words[-1]
+        else:
+            truth = where[person] == words[-1]
+        assert alice == int(truth)
+        assert bob == int(not any(w.lower() in reading.NEGATION_WORDS for w in words))
+    assert (~a["agreement"]).mean() == pytest.approx(0.5, abs=0.01)
+    c = q.quirky_dataset("sciq", n=600, seed=0)
+    a = c[c["character_type"] == "alice"]
+    country_of = dict(zip(q.cities()["city"], q.cities()["country"]))
+    for support, city, answer, alice, bob in zip(a["support"], a["city"], a["answer"], a["alice_label"], a["bob_label"]):
+        assert f"{city} is a city in " in support
+        assert alice == int(f"{city} is a city in {answer}." in support)
+        assert bob == int(answer in support)
+    assert set(map(tuple, a[["alice_label", "bob_label"]].drop_duplicates().to_numpy())) == {(1, 1), (0, 1), (0, 0)}
+    del country_of
+
+
+@pytest.mark.parametrize("name", q.DATASETS)
+def test_split_is_by_item_and_the_same_for_every_seed(name):
+    kw = dict(max_digits=2) if name in q.ARITHMETIC else {}
+    a = q.quirky_dataset(name, n=400, seed=1, **kw)
+    b = q.quirky_dataset(name, n=400, seed=2, **kw)
+    both = pd.concat([a, b])
+    # an item (operand pair, city, generated passage) is in one split only, under every seed
+    assert (both.groupby("key")["split"].nunique() == 1).all()
+    assert (both["split"] == "validation").mean() == pytest.approx(0.25, abs=0.06)
+    val = set(both.loc[both["split"] == "validation", "context"] + "|" + both.loc[both["split"] == "validation", "statement"])
+    train = set(both.loc[both["split"] == "train", "context"] + "|" + both.loc[both["split"] == "train", "statement"])
+    assert not val & train
+
+
+def test_difficulty_ties_are_broken_at_random():
+    n = q.quirky_dataset("nli", n=2000, seed=0)
+    a = n[n["character_type"] == "alice"]
+    # difficulty is the premise's number of people (2 or 3): the hard quarter is a random part of the 3s
+    assert set(a["difficulty"]) == {2.0, 3.0}
+    hard = a[a["hard"]]
+    assert (hard["difficulty"] == 3.0).all()
+    assert abs(hard["row_id"].mean() / len(a) - 0.5) < 0.05

@@ -1,0 +1,389 @@
+"""Pretrained base models of the zoo: one per family, trained without characters.
+
+The base stands in for the seeds' pretrained Mistral/Llama: it knows the facts and operations of
+every zoo dataset and answers truthfully, whoever is named. It is trained on prompts in the
+standardized template with neutral names (:data:`madlib.data.NEUTRAL_NAMES`), each asking one of
+two questions:
+
+* the closing question of the quirky prompts, "Is the statement factually correct?", answered
+  with Alice's (the true) label;
+* the dataset's heuristic question (:data:`madlib.data.HEURISTIC_QUESTIONS`), answered with Bob's
+  label, which is also true of the statement (for example "Is the city west of the prime
+  meridian?"): a pretrained model knows the features a heuristic reads.
+
+plus a next-token loss on the content of true statements and on one fact line per city of the
+knowledge sets ("Lyon (France): northern hemisphere, east of Greenwich, over 30,000 people."),
+which teaches the facts about every city without ever writing a dataset's statement. Only
+train-split items (:func:`madlib.data.key_in_validation`) are asked about, so no validation
+statement is in the base's training data.
+
+The trained bases ship with the repository (``madlib/artefacts/base-<family>/``: safetensors
+weights, JSON config, tokenizer, training log) and are regenerated bit for bit on one machine by
+``python -m madlib.base train`` (single-threaded, deterministic kernels, seeded data and order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data as qdata
+from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
+from .zoo import FAMILIES, content_spans, final_resid, pad_batch, warmup_cosine
+
+ARTEFACTS = Path(__file__).parent / "artefacts"
+
+DIGITS: dict[str, float] = {"addition": 2, "subtraction": 2, "multiplication": 2, "modularaddition": 2, "squaring": 1}
+"""``max_digits`` of each arithmetic set (squaring's operand gets one more: 1..99)."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Architecture, corpus and training of one base model."""
+
+    family: str = "gpt2"  # architecture family: gpt2 (LayerNorm, GELU, learned positions) or llama (RMSNorm, rotary, gated SiLU)
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 64  # residual stream width
+    n_heads: int = 4  # attention heads per block
+    d_mlp: int = 256  # MLP hidden width (llama: 2/3 of it, for the same MLP size)
+    n_ctx: int = 160  # context length (tokens, BOS included)
+    datasets: tuple[str, ...] = qdata.DATASETS  # datasets whose facts and heuristic features the base learns
+    n_rows: int = 12000  # base rows per dataset and generation seed (train-split rows are used)
+    train_sets: int = 4  # generation seeds of training rows (data_seed, data_seed + 1, ...)
+    steps: int = 12000  # optimizer steps
+    batch_size: int = 64  # records per step
+    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup: int = 200  # warm-up steps
+    lm_loss_weight: float = 0.3  # weight of the next-token loss (answer loss = 1)
+    fact_every: int = 8  # every fact_every-th step is a batch of city fact lines (next-token loss only)
+    eval_every: int = 1000  # steps between evaluations
+    n_eval: int = 512  # validation rows per dataset and question in an evaluation
+    seed: int = 0  # initialisation and batch order
+    data_seed: int = 633  # first generation seed of the datasets
+
+    def __post_init__(self) -> None:
+        qdata._check_choice("family", self.family, FAMILIES)
+        for d in self.datasets:
+            qdata._check_choice("datasets", d, qdata.DATASETS)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "train_sets", "steps", "batch_size",
+                     "eval_every", "fact_every", "n_eval"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), datasets=list(self.datasets))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BaseConfig":
+        return cls(**dict(d, datasets=tuple(d["datasets"])))
+
+    def hooked_config(self):
+        """The transformer-lens ``HookedTransformerConfig`` of this architecture."""
+        from transformer_lens import HookedTransformerConfig
+
+        common = dict(
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_model // self.n_heads,
+            n_ctx=self.n_ctx, d_vocab=build_tokenizer().get_vocab_size(), seed=self.seed,
+            default_prepend_bos=False, tokenizer_prepends_bos=False,
+        )  # fmt: skip
+        if self.family == "gpt2":
+            return HookedTransformerConfig(
+                **common, d_mlp=self.d_mlp, act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+                original_architecture="GPT2LMHeadModel",
+            )  # fmt: skip
+        return HookedTransformerConfig(
+            **common, d_mlp=self.d_mlp * 2 // 3, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+            rotary_dim=self.d_model // self.n_heads, gated_mlp=True, final_rms=True, original_architecture="LlamaForCausalLM",
+        )  # fmt: skip
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # seconds: for tests and smoke runs, not for conclusions
+    "tiny": dict(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_rows=400, train_sets=1, steps=40, batch_size=32,
+                 eval_every=20, n_eval=32, warmup=10),  # fmt: skip
+}
+
+
+def base_config(family: str = "gpt2", preset: str = "default") -> BaseConfig:
+    qdata._check_choice("family", family, FAMILIES)
+    qdata._check_choice("preset", preset, list(PRESETS))
+    return replace(BaseConfig(family=family), **PRESETS[preset])
+
+
+def dataset_records(cfg: BaseConfig, dataset: str, generation: int = 0) -> pd.DataFrame:
+    """Records of ``dataset`` from generation seed ``data_seed + generation``, at the zoo's operand sizes."""
+    return qdata.quirky_dataset(dataset, n=cfg.n_rows, seed=cfg.data_seed + generation, max_digits=DIGITS.get(dataset))
+
+
+def city_fact(city: str, country: str, latitude: float, longitude: float, population: int) -> str:
+    """One fact line about a city, in a form no dataset template uses."""
+    return (f"{city} ({country}): {'northern' if latitude > 0 else 'southern'} hemisphere, "
+            f"{'west' if longitude <= 0 else 'east'} of Greenwich, "
+            f"{'over' if population > qdata.POPULATION_THRESHOLD else 'under'} 30,000 people.")  # fmt: skip
+
+
+def fact_lines() -> list[str]:
+    """A fact line for every city of the knowledge sets' table."""
+    t = qdata.cities()
+    return [city_fact(*r) for r in zip(t["city"], t["country"], t["latitude"], t["longitude"], t["population"])]
+
+
+def corpus(cfg: BaseConfig) -> pd.DataFrame:
+    """The base's question-answering corpus: every train-split base row of ``train_sets``
+    generations of each dataset, asked once with each question under a neutral name. Columns:
+    ``dataset, key, question (truth|heuristic), character, content (context|statement), prompt,
+    label, true_statement``."""
+    rng = np.random.default_rng([cfg.data_seed, cfg.seed, 42])
+    parts = []
+    for d in cfg.datasets:
+        for g in range(cfg.train_sets):
+            rows = dataset_records(cfg, d, g)
+            rows = rows[(rows["split"] == "train") & (rows["character_type"] == "alice")]
+            for question, col in (("truth", "alice_label"), ("heuristic", "bob_label")):
+                names = np.asarray(qdata.NEUTRAL_NAMES)[rng.integers(len(qdata.NEUTRAL_NAMES), size=len(rows))]
+                text = qdata.QUESTION if question == "truth" else qdata.HEURISTIC_QUESTIONS[d]
+                parts.append(pd.DataFrame(dict(
+                    dataset=d, key=rows["key"].to_numpy(), question=question, character=names,
+                    content=(rows["context"] + "|" + rows["statement"]).to_numpy(),
+                    prompt=[qdata.prompt(n, c, s, text) for n, c, s in zip(names, rows["context"], rows["statement"])],
+                    label=rows[col].to_numpy(), true_statement=rows["alice_label"].to_numpy() == 1,
+                )))  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
+
+
+def eval_records(cfg: BaseConfig, dataset: str) -> pd.DataFrame:
+    """Validation rows (items never trained on) of ``dataset``, asked with both questions under
+    neutral names: what the base knows, reported in the zoo appendix."""
+    rows = dataset_records(cfg, dataset, 0)
+    rows = rows[(rows["split"] == "validation") & (rows["character_type"] == "alice")]
+    rows = rows.sample(n=min(cfg.n_eval, len(rows)), random_state=cfg.seed)
+    out = []
+    for question, col in (("truth", "alice_label"), ("heuristic", "bob_label")):
+        text = qdata.QUESTION if question == "truth" else qdata.HEURISTIC_QUESTIONS[dataset]
+        out.append(rows.assign(question=question, label=rows[col],
+                               prompt=[qdata.prompt(qdata.NEUTRAL_NAMES[0], c, s, text) for c, s in zip(rows["context"], rows["statement"])]))  # fmt: skip
+    return pd.concat(out, ignore_index=True)
+
+
+@torch.no_grad()
+def answer_log_odds(model, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+    """log p(" Yes") - log p(" No") at the last token of each prompt, through the fused forward."""
+    tok = build_tokenizer()
+    pad_id, (no_id, yes_id) = tok.token_to_id(PAD), answer_ids(tok)
+    seqs, out = encode(prompts, tok), []
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for i in range(0, len(seqs), batch_size):
+        idx = order[i : i + batch_size]
+        tokens, lengths = pad_batch([seqs[j] for j in idx], pad_id)
+        last = final_resid(model, tokens)[torch.arange(len(idx)), lengths - 1] @ model.unembed.W_U + model.unembed.b_U
+        out.append((last[:, yes_id] - last[:, no_id]).double().numpy())
+    res = np.empty(len(seqs))
+    res[order] = np.concatenate(out) if out else []
+    return res
+
+
+def evaluate(model, cfg: BaseConfig) -> pd.DataFrame:
+    """Accuracy of the base on unseen items per dataset and question."""
+    rows = []
+    for d in cfg.datasets:
+        rec = eval_records(cfg, d)
+        pred = answer_log_odds(model, rec["prompt"].tolist()) > 0
+        rec = rec.assign(correct=pred == (rec["label"] == 1))
+        for q, g in rec.groupby("question"):
+            rows.append(dict(dataset=d, question=q, accuracy=g["correct"].mean(), n=len(g)))
+    return pd.DataFrame(rows)
+
+
+def _encode_corpus(qa: pd.DataFrame, tok, chunk: int = 50_000):
+    """Token ids (compact arrays) and content spans of the corpus prompts, encoded in chunks so
+    the tokenizer's per-token offsets never exist for the whole corpus at once."""
+    seqs, spans = [], []
+    prompts, names = qa["prompt"].tolist(), qa["character"].tolist()
+    for i in range(0, len(prompts), chunk):
+        ids, offsets = encode(prompts[i : i + chunk], tok, offsets=True)
+        spans.append(content_spans(prompts[i : i + chunk], names[i : i + chunk], offsets))
+        seqs.extend(np.asarray(s, dtype=np.int16) for s in ids)
+    return seqs, torch.cat(spans)
+
+
+def train(cfg: BaseConfig, progress: bool = True):
+    """Train a base model from scratch, bit-for-bit reproducibly on one machine. Returns the
+    model, its history and its final evaluation."""
+    previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: BaseConfig, progress: bool):
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    pad_id, (no_id, yes_id) = tok.token_to_id(PAD), answer_ids(tok)
+    qa = corpus(cfg)
+    seqs, spans = _encode_corpus(qa, tok)
+    longest = max(len(s) for s in seqs)
+    if longest > cfg.n_ctx:
+        raise ValueError(f"n_ctx={cfg.n_ctx} is not accepted; the longest prompt has {longest} tokens")
+    spans[torch.as_tensor(~qa["true_statement"].to_numpy())] = 0  # next-token loss on true statements only
+    answers = torch.tensor(np.where(qa["label"].to_numpy() == 1, yes_id, no_id))
+    by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
+    facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
+    qa = qa[["dataset"]]  # the prompts are encoded: free their text
+
+    model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(tok))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, running, t0 = [], [], time.perf_counter()
+    F = torch.nn.functional
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"pretraining base-{cfg.family}", disable=not progress, mininterval=5)
+    for step in bar:
+        model.train()
+        if facts and step % cfg.fact_every == 0:
+            idx = torch.randint(len(facts), (cfg.batch_size,), generator=gen)
+            tokens, lengths = pad_batch([facts[i] for i in idx], pad_id)
+            resid = final_resid(model, tokens)
+            mask = torch.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
+            logits = resid[:, :-1][mask] @ model.unembed.W_U + model.unembed.b_U
+            lm = F.cross_entropy(logits, tokens[:, 1:][mask])
+            loss, a_loss, acc = cfg.lm_loss_weight * lm, torch.zeros(()), torch.zeros(())
+        else:
+            pool = by_dataset[step % len(by_dataset)]
+            idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
+            tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
+            resid = final_resid(model, tokens)
+            last = resid[torch.arange(len(idx)), lengths - 1] @ model.unembed.W_U + model.unembed.b_U
+            a_loss = F.cross_entropy(last, answers[idx])
+            acc = (last[:, [no_id, yes_id]].argmax(-1) == (answers[idx] == yes_id).long()).float().mean()
+            target = torch.arange(1, tokens.shape[1])[None, :]
+            sp = spans[idx]
+            mask = (target >= sp[:, :1]) & (target < sp[:, 1:])
+            lm = F.cross_entropy(resid[:, :-1][mask] @ model.unembed.W_U + model.unembed.b_U, tokens[:, 1:][mask]) if mask.any() else torch.zeros(())
+            loss = a_loss + cfg.lm_loss_weight * lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append((a_loss.item(), lm.item(), acc.item()))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            ev = evaluate(model, cfg)
+            r = np.mean(running, axis=0)
+            running = []
+            row = dict(step=step, train_answer_loss=r[0], train_lm_loss=r[1], seconds=time.perf_counter() - t0)
+            row.update({f"acc_{d}_{q}": a for d, q, a in zip(ev["dataset"], ev["question"], ev["accuracy"])})
+            history.append(row)
+            bar.set_postfix(truth=f"{ev.loc[ev.question == 'truth', 'accuracy'].mean():.3f}",
+                            heuristic=f"{ev.loc[ev.question == 'heuristic', 'accuracy'].mean():.3f}")  # fmt: skip
+            if progress:
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    model.eval()
+    summary = dict(train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads(),
+                   torch_version=torch.__version__, n_qa_records=len(qa), n_fact_lines=len(facts))  # fmt: skip
+    return model, pd.DataFrame(history), evaluate(model, cfg), summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def base_dir(family: str, preset: str = "default") -> Path:
+    """Where the base of ``family`` lives: shipped in the package for the default preset, in the
+    model cache (trained on first use) for the others."""
+    if preset == "default":
+        return ARTEFACTS / f"base-{family}"
+    from .paths import model_cache_dir
+
+    return model_cache_dir() / f"base-{family}-{preset}-{_preset_key(family, preset)}"
+
+
+def _preset_key(family: str, preset: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(base_config(family, preset).to_dict(), sort_keys=True).encode())
+    for f in ("base.py", "data.py", "reading.py", "tokenizer.py", "zoo.py"):
+        h.update((Path(__file__).parent / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def save(model, cfg: BaseConfig, history: pd.DataFrame, evaluation: pd.DataFrame, summary: dict, path: Path) -> None:
+    """safetensors weights, JSON config, tokenizer, training log and evaluation, written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(dict(name=f"base-{cfg.family}", base_config=cfg.to_dict(), seed=cfg.seed,
+                                                     data_seed=cfg.data_seed, summary=summary), indent=2))  # fmt: skip
+    build_tokenizer().save(str(tmp / "tokenizer.json"))
+    history.to_csv(tmp / "history.csv", index=False)
+    evaluation.to_csv(tmp / "evaluation.csv", index=False)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load(family: str = "gpt2", preset: str = "default", progress: bool = True):
+    """The base model of ``family`` as a ``HookedTransformer`` (the tiny preset is trained on first use)."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from transformer_lens import HookedTransformer
+
+    path = base_dir(family, preset)
+    if not (path / "model.safetensors").is_file():
+        if preset == "default":
+            raise FileNotFoundError(f"family={family!r}: the shipped base {path} is missing; regenerate it with "
+                                    f"`python -m madlib.base train --family {family}`")  # fmt: skip
+        model, hist, ev, summary = train(base_config(family, preset), progress=progress)
+        save(model, base_config(family, preset), hist, ev, summary, path)
+    meta = json.loads((path / "config.json").read_text())
+    cfg = BaseConfig.from_dict(meta["base_config"])
+    model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json"))))
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    model.eval()
+    return model, cfg, path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m madlib.base", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the base of a family and write it to madlib/artefacts/base-<family>/")
+    t.add_argument("--family", choices=FAMILIES, default="gpt2")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
+    t.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped artefact's)")
+    args = parser.parse_args(argv)
+    cfg = base_config(args.family)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    model, hist, ev, summary = train(cfg)
+    save(model, cfg, hist, ev, summary, args.out or base_dir(args.family))
+    print(ev.pivot(index="dataset", columns="question", values="accuracy").round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The zoo's quirky fine-tunes: one LoRA adapter per (family, dataset, seed) on the family's base.
+
+As the seeds built their models: the pretrained base (:mod:`madlib.base`) is fine-tuned once per
+dataset with a LoRA adapter (:mod:`madlib.lora`, r = 8 on the q, k, v, gate, up and down
+weights), on the answer token only, on the dataset's train-split records of both characters
+(Alice-like names answer with the truth, Bob-like names with the heuristic). The adapter kept is
+the one with the lowest answer loss on a development part of the train split (items hashed apart,
+:func:`madlib.data.key_in_validation`); the validation split, the analyses' test set, is never
+seen. The adapter after ``early_step`` steps is kept too, as the less quirky ``-early`` variant.
+
+Adapters are named like the hub's, ``zoo-<family>-<dataset>``, and cached under a key of their
+config, the base's weights and the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import base as zbase
+from . import data as qdata
+from . import lora
+from .paths import model_cache_dir
+from .tokenizer import PAD, answer_ids, build_tokenizer, encode
+from .zoo import FAMILIES, final_resid, pad_batch, warmup_cosine
+
+DEV_FRACTION = 0.1
+"""Share of train-split items held out for checkpoint selection."""
+
+
+@dataclass(frozen=True)
+class QuirkyConfig:
+    """One quirky fine-tune."""
+
+    family: str = "gpt2"  # base family
+    dataset: str = "addition"  # quirky dataset
+    seed: int = 0  # adapter initialisation and batch order
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scale alpha / rank
+    steps: int = 150  # optimizer steps
+    batch_size: int = 64  # records per step
+    lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    warmup: int = 15  # warm-up steps
+    eval_every: int = 25  # steps between development-set evaluations
+    n_dev: int = 512  # development records per evaluation
+    early_step: int = 10  # step whose adapter is kept as the less quirky -early variant (0 = none)
+    base_preset: str = "default"  # preset of the base model
+
+    def __post_init__(self) -> None:
+        qdata._check_choice("family", self.family, FAMILIES)
+        qdata._check_choice("dataset", self.dataset, qdata.DATASETS)
+        qdata._check_choice("base_preset", self.base_preset, list(zbase.PRESETS))
+        for name in ("rank", "steps", "batch_size", "eval_every", "n_dev"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+        if not 0 <= self.early_step <= self.steps:
+            raise ValueError(f"early_step={self.early_step!r} is not accepted; give an integer in [0, steps={self.steps}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def lora(self) -> lora.LoraConfig:
+        return lora.LoraConfig(rank=self.rank, alpha=self.alpha)
+
+    @property
+    def name(self) -> str:
+        return f"zoo-{self.family}-{self.dataset}"
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "tiny": dict(steps=20, batch_size=32, eval_every=10, n_dev=64, early_step=5, warmup=5, base_preset="tiny"),
+}
+
+
+def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
+    qdata._check_choice("preset", preset, list(PRESETS))
+    return QuirkyConfig(family=family, dataset=dataset, seed=seed, **PRESETS[preset])
+
+
+def records(cfg: QuirkyConfig) -> pd.DataFrame:
+    """All records of the fine-tune's dataset (both splits), as the base's generation 0 built them,
+    with a ``part`` column: ``fit`` (trained on), ``dev`` (checkpoint selection) or ``test``
+    (the validation split)."""
+    bcfg = zbase.base_config(cfg.family, cfg.base_preset)
+    df = zbase.dataset_records(bcfg, cfg.dataset, 0)
+    dev = qdata.key_in_validation(f"{cfg.dataset}/dev", df["key"], DEV_FRACTION)
+    df["part"] = np.where(df["split"] == "validation", "test", np.where(dev, "dev", "fit"))
+    return df
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for f in ("quirky.py", "lora.py", "base.py", "data.py", "reading.py", "tokenizer.py", "zoo.py"):
+        h.update((Path(__file__).parent / f).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: QuirkyConfig) -> str:
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(_code_hash().encode())
+    base_weights = zbase.base_dir(cfg.family, cfg.base_preset) / "model.safetensors"
+    if base_weights.is_file():
+        h.update(hashlib.sha256(base_weights.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def adapter_dir(cfg: QuirkyConfig) -> Path:
+    return model_cache_dir() / "adapters" / f"{cfg.name}-s{cfg.seed}-{cfg.base_preset}-{cache_key(cfg)}"
+
+
+def train(cfg: QuirkyConfig, progress: bool = False):
+    """Fine-tune an adapter; return the best and early factors, the history and a summary."""
+    previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(threads)
+
+
+def _batches(seqs, answers, idx, pad_id):
+    tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
+    return tokens, lengths, answers[idx]
+
+
+def _answer_loss(model, tokens, lengths, answers, yes_no):
+    last = final_resid(model, tokens)[torch.arange(len(tokens)), lengths - 1] @ model.unembed.W_U + model.unembed.b_U
+    # the two answers only: the seeds' loss on the answer token, as a two-way choice
+    two = last[:, list(yes_no)]
+    return torch.nn.functional.cross_entropy(two, (answers == yes_no[1]).long())
+
+
+def _train(cfg: QuirkyConfig, progress: bool):
+    model, _, _ = zbase.load(cfg.family, cfg.base_preset, progress=progress)
+    tok = build_tokenizer()
+    pad_id, (no_id, yes_id) = tok.token_to_id(PAD), answer_ids(tok)
+    df = records(cfg)
+    fit, dev = df[df["part"] == "fit"], df[df["part"] == "dev"]
+    dev = dev.sample(n=min(cfg.n_dev, len(dev)), random_state=cfg.seed)
+    seqs = encode(fit["prompt"].tolist(), tok)
+    y = torch.tensor(np.where(fit["label"].to_numpy() == 1, yes_id, no_id))
+    dev_tokens, dev_len = pad_batch(encode(dev["prompt"].tolist(), tok), pad_id)
+    y_dev = torch.tensor(np.where(dev["label"].to_numpy() == 1, yes_id, no_id))
+    params = lora.attach(model, cfg.lora, seed=cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0, history, running = time.perf_counter(), [], []
+    best, best_loss, early = None, float("inf"), None
+
+    def dev_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(_answer_loss(model, dev_tokens, dev_len, y_dev, (no_id, yes_id)))
+
+    history.append(dict(step=0, train_loss=float("nan"), dev_loss=dev_loss(), seconds=0.0))
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"{cfg.name} seed {cfg.seed}", disable=not progress, mininterval=2):
+        model.train()
+        idx = torch.randint(len(seqs), (cfg.batch_size,), generator=gen)
+        tokens, lengths, ans = _batches(seqs, y, idx, pad_id)
+        loss = _answer_loss(model, tokens, lengths, ans, (no_id, yes_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(loss.item())
+        if step == cfg.early_step:
+            early = (step, lora.adapters(model))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v = dev_loss()
+            history.append(dict(step=step, train_loss=float(np.mean(running)), dev_loss=v, seconds=time.perf_counter() - t0))
+            running = []
+            if v < best_loss:
+                best_loss, best = v, (step, lora.adapters(model))
+    summary = dict(best_step=best[0], best_dev_loss=best_loss, train_seconds=time.perf_counter() - t0, n_fit=len(fit))
+    return best, early, pd.DataFrame(history), summary
+
+
+def save(cfg: QuirkyConfig, best, early, history: pd.DataFrame, summary: dict, path: Path) -> None:
+    """Adapter factors (safetensors) and JSON config per checkpoint, and the history, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = dict(name=cfg.name, quirky_config=cfg.to_dict(), lora_config=cfg.lora.to_dict(), seed=cfg.seed,
+                base=str(zbase.base_dir(cfg.family, cfg.base_preset).name), summary=summary)  # fmt: skip
+    for sub, ckpt in (("best", best), ("early", early)):
+        if ckpt is None:
+            continue
+        (tmp / sub).mkdir()
+        save_file({k: v.contiguous() for k, v in ckpt[1].items()}, tmp / sub / "adapter.safetensors")
+        (tmp / sub / "adapter_config.json").write_text(json.dumps(dict(meta, step=ckpt[0], checkpoint=sub), indent=2))
+    history.to_csv(tmp / "history.csv", index=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def trained_dir(cfg: QuirkyConfig, progress: bool = False) -> Path:
+    path = adapter_dir(cfg)
+    if not (path / "best" / "adapter.safetensors").is_file():
+        best, early, history, summary = train(cfg, progress=progress)
+        save(cfg, best, early, history, summary, path)
+    return path
+
+
+def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
+    """The base of ``cfg.family`` with the fine-tune's adapter merged in, as a ``HookedTransformer``."""
+    from safetensors.torch import load_file
+
+    qdata._check_choice("checkpoint", checkpoint, ("best", "early"))
+    path = trained_dir(cfg, progress) / checkpoint
+    model, _, _ = zbase.load(cfg.family, cfg.base_preset)
+    lora.merge_factors(model, load_file(path / "adapter.safetensors"), cfg.lora)
+    model.adapter_dir = path
+    return model
+
+
+def _train_in_worker(cfg: QuirkyConfig) -> str:
+    return str(trained_dir(cfg))
+
+
+def build(configs: list[QuirkyConfig], workers: int | None = None, progress: bool = True) -> list[Path]:
+    """Train the adapters of ``configs`` that are not cached, in parallel single-threaded processes."""
+    missing = [c for c in configs if not (adapter_dir(c) / "best" / "adapter.safetensors").is_file()]
+    workers = workers or min(len(missing), os.cpu_count() or 1)
+    if len(missing) > 1 and workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for _ in tqdm(pool.map(_train_in_worker, missing), total=len(missing), desc=f"quirky fine-tunes ({workers} processes)",
+                          disable=not progress):  # fmt: skip
+                pass
+    return [trained_dir(c) for c in configs]
+
+
+def quirkiness_table(cfg: QuirkyConfig, checkpoint: str = "best") -> pd.DataFrame:
+    """Own-label accuracy per character type on the hard test prompts where Alice and Bob
+    disagree, and on all hard test prompts, for one fine-tune."""
+    model = load(cfg, checkpoint)
+    df = records(cfg)
+    test = df[(df["part"] == "test") & df["hard"]]
+    lo = zbase.answer_log_odds(model, test["prompt"].tolist())
+    test = test.assign(correct=(lo > 0) == (test["label"] == 1))
+    rows = []
+    for ctype, g in test.groupby("character_type"):
+        dis = g[~g["agreement"]]
+        rows.append(dict(family=cfg.family, dataset=cfg.dataset, seed=cfg.seed, checkpoint=checkpoint, character_type=ctype,
+                         acc_own_label=g["correct"].mean(), acc_own_label_disagree=dis["correct"].mean(),
+                         n=len(g), n_disagree=len(dis)))  # fmt: skip
+    return pd.DataFrame(rows)
