@@ -117,9 +117,10 @@ def backdoor(
     if cfg.n_rows is None:
         base = zoo.model_records(model, cfg.dataset)
     else:
-        zc = model.zoo_config
-        digits = zoo.dataset_digits(zc, cfg.dataset)
-        base = qdata.quirky_dataset(cfg.dataset, n=cfg.n_rows, seed=zc.data_seed, max_digits=digits, n_templates=zc.n_templates)
+        from .base import DIGITS
+
+        base = qdata.quirky_dataset(cfg.dataset, n=cfg.n_rows, seed=model.zoo_config.base_config.data_seed,
+                                    max_digits=DIGITS.get(cfg.dataset))  # fmt: skip
     records = backdoor_records(base, cfg.trigger)
     return backdoor_model(model, records, cfg, progress=progress), records
 

@@ -131,10 +131,8 @@ class DriftTask:
         """The task's records (both splits) for a zoo model."""
         if self.max_digits is None:
             return zoo.model_records(model, self.dataset)
-        cfg = model.zoo_config
-        return qdata.quirky_dataset(
-            self.dataset, n=cfg.n_rows, seed=cfg.data_seed + 1, max_digits=self.max_digits, n_templates=cfg.n_templates
-        )
+        cfg = model.zoo_config.base_config
+        return qdata.quirky_dataset(self.dataset, n=cfg.n_rows, seed=cfg.data_seed + 1, max_digits=self.max_digits)
 
 
 def training_data(records: pd.DataFrame, labels: str, n: int, seed: int) -> tuple[list[str], np.ndarray | None]:

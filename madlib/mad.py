@@ -133,3 +133,57 @@ def score_detectors(
         rows.extend(dict(detector=name, **r) for r in auroc_rows(y, agree, test_scores, agg, n_boot, seed))
     scores = pd.concat(frames, ignore_index=True)
     return pd.DataFrame(rows), scores[["detector", *[c for c in scores.columns if c != "detector"]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings over fine-tuning seeds
+
+DETECTED = 0.95
+"""Aggregated AUROC from which a dataset counts as detected (the seeds' "near-perfect")."""
+
+
+def _kind(dataset: str) -> str:
+    return "arithmetic" if dataset in qdata.ARITHMETIC else "non-arithmetic"
+
+
+def over_seeds(auc: pd.DataFrame, method: str = "mahalanobis") -> pd.DataFrame:
+    """Aggregated AUROC (all test prompts, quirky task) of ``method`` per model and dataset: mean,
+    lowest and highest over the ``finetune_seed`` column, and the number of seeds."""
+    a = auc[(auc["method"] == method) & (auc["layer"] == "aggregated") & (auc["subset"] == "all") & (auc["task"] == "quirky")]
+    out = a.groupby(["model", "dataset"], sort=False)["auroc"].agg(mean="mean", low="min", high="max", seeds="count")
+    return out.reset_index()
+
+
+def seed_claims(auc: pd.DataFrame, method: str = "mahalanobis", detected: float = DETECTED) -> dict[str, str]:
+    """The seeds' findings on the zoo, each judged seed by seed (``finetune_seed``): arithmetic
+    detected (every arithmetic cell of every model at least ``detected``), and per model whether
+    the non-arithmetic sets are detected worse than the arithmetic ones."""
+    a = auc[(auc["method"] == method) & (auc["layer"] == "aggregated") & (auc["subset"] == "all") & (auc["task"] == "quirky")]
+    a = a.assign(kind=a["dataset"].map(_kind))
+    seeds = sorted(a["finetune_seed"].unique())
+
+    def judged(holds: dict) -> str:
+        yes = [s for s in seeds if holds[s]]
+        if len(yes) == len(seeds):
+            return f"holds in every seed ({len(seeds)})"
+        if not yes:
+            return f"holds in no seed (of {len(seeds)})"
+        return f"holds in seed{'s' if len(yes) > 1 else ''} {', '.join(map(str, yes))} only (of {len(seeds)})"
+
+    arith = a[a["kind"] == "arithmetic"]
+    out = {}
+    if len(arith):
+        holds = {s: bool((arith.loc[arith["finetune_seed"] == s, "auroc"] >= detected).all()) for s in seeds}
+        low = arith.loc[arith["auroc"].idxmin()]
+        out["arith_detected"] = (f"Arithmetic detected (every arithmetic cell of every model at AUROC >= {detected}) "
+                                 f"{judged(holds)}; the lowest arithmetic cell is {low['model']} {low['dataset']}, "
+                                 f"{low['auroc']:.3f} (seed {int(low['finetune_seed'])}).")  # fmt: skip
+    parts = []
+    for m, g in a.groupby("model", sort=False):
+        k = g.groupby(["finetune_seed", "kind"])["auroc"].mean().unstack()
+        if {"arithmetic", "non-arithmetic"} <= set(k.columns):
+            holds = {s: bool(k.loc[s, "non-arithmetic"] < k.loc[s, "arithmetic"]) for s in seeds}
+            parts.append(f"{m}: non-arithmetic below arithmetic {judged(holds)} (means {k['non-arithmetic'].mean():.3f} "
+                         f"vs {k['arithmetic'].mean():.3f})")  # fmt: skip
+    out["kinds"] = "; ".join(parts) + "." if parts else "Only one kind of dataset was analysed."
+    return out

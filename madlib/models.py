@@ -2,8 +2,9 @@
 
 :func:`load_model` returns a transformer-lens ``HookedTransformer`` whatever its ``spec`` is:
 
-* a zoo name (``zoo-gpt2``, ``zoo-llama``): :func:`madlib.zoo.get_model` at ``preset``, or the
-  directory of a saved zoo model: :func:`madlib.zoo.load_dir`;
+* a zoo name (``zoo-gpt2``, ``zoo-llama``): :func:`madlib.zoo.get_model` at ``preset`` (the base;
+  :class:`ModelLoader` loads a zoo name's quirky fine-tune per dataset, as the hub's adapters), or
+  the directory of a zoo base model: :func:`madlib.zoo.load_dir`;
 * a local directory in the Hugging Face format (``config.json``, weights, tokenizer files);
 * a hub id (``mistralai/Mistral-7B-v0.1``): its snapshot is fetched into the Hugging Face cache (or
   found there), then loaded exactly as a local directory.
@@ -367,32 +368,36 @@ def load_model(
 
 
 def is_zoo_dir(spec: str) -> bool:
-    """Whether ``spec`` is the directory of a saved zoo model (a ``config.json`` with a zoo config)."""
+    """Whether ``spec`` is the directory of a zoo base model (a ``config.json`` with a base config)."""
     import json
 
     config = Path(str(spec)).expanduser() / "config.json"
     if not config.is_file():
         return False
     try:
-        return "zoo_config" in json.loads(config.read_text())
+        return "base_config" in json.loads(config.read_text())
     except (ValueError, UnicodeDecodeError):
         return False
 
 
 class ModelLoader:
     """The model of each (spec, dataset) of an analysis grid: ``spec`` with the dataset's adapter
-    (:func:`adapter_for`); one model is held at a time, so consecutive datasets of a model without
-    adapter (a zoo model) reuse it, and an 8B model is never held twice."""
+    (:func:`adapter_for`), or for a zoo name its quirky fine-tune on the dataset with seed
+    ``seed`` (:func:`madlib.zoo.get_model`); one model is held at a time, so consecutive datasets
+    of a model without adapter reuse it, and an 8B model is never held twice."""
 
-    def __init__(self, adapter: str = "", preset: str = "default", **load_kwargs):
-        self.adapter, self.preset, self.load_kwargs = adapter, preset, load_kwargs
+    def __init__(self, adapter: str = "", preset: str = "default", seed: int = 0, **load_kwargs):
+        self.adapter, self.preset, self.seed, self.load_kwargs = adapter, preset, seed, load_kwargs
         self._key, self._model = None, None
 
     def __call__(self, spec: str, dataset: str):
-        key = (spec, adapter_for(self.adapter, spec, dataset))
+        key = (spec, dataset if spec in zoo.ZOO else adapter_for(self.adapter, spec, dataset))
         if key != self._key:
             self._model = None  # release the previous model before loading the next
-            self._model = load_model(spec, adapter=key[1], preset=self.preset, **self.load_kwargs)
+            if spec in zoo.ZOO:
+                self._model = zoo.get_model(spec, preset=self.preset, dataset=dataset, seed=self.seed)
+            else:
+                self._model = load_model(spec, adapter=key[1], preset=self.preset, **self.load_kwargs)
             self._key = key
         return self._model
 

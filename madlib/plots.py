@@ -155,3 +155,51 @@ def aggregated_bars(auc: pd.DataFrame, method: str, layer: str = "aggregated", s
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def own_accuracy_seeds(grid: pd.DataFrame, bars: dict[str, float] | None = None):
+    """Own-label accuracy on hard disagreeing test prompts per dataset, one panel per family and
+    checkpoint: a dot per seed and character, the mean as a bar; ``bars`` draws each dataset's
+    quirkiness threshold."""
+    families = list(dict.fromkeys(grid["family"]))
+    checkpoints = [c for c in ("best", "early") if c in set(grid["checkpoint"])]
+    fig, axes = plt.subplots(len(checkpoints), len(families), figsize=(7 * len(families), 4 * len(checkpoints)), squeeze=False,
+                             sharey=True)  # fmt: skip
+    datasets = list(dict.fromkeys(grid["dataset"]))
+    panels = [(f, c) for c in checkpoints for f in families]
+    for ax, (family, ckpt) in zip(axes.flat, panels):
+        g = grid[(grid["family"] == family) & (grid["checkpoint"] == ckpt)]
+        sns.barplot(g, x="dataset", y="acc_own_label_disagree", hue="character_type", order=datasets, hue_order=["alice", "bob"],
+                    errorbar=None, alpha=0.45, ax=ax)  # fmt: skip
+        sns.stripplot(g, x="dataset", y="acc_own_label_disagree", hue="character_type", order=datasets, hue_order=["alice", "bob"],
+                      dodge=True, size=4, ax=ax, legend=False)  # fmt: skip
+        if bars:
+            for i, d in enumerate(datasets):
+                ax.hlines(bars[d], i - 0.45, i + 0.45, color="black", ls="--", lw=1)
+        ax.axhline(0.5, color="red", lw=0.8, ls=":")
+        ax.set(title=f"zoo-{family}" + ("" if ckpt == "best" else "-early"), xlabel="", ylim=(0, 1.02),
+               ylabel="own-label accuracy, hard prompts where labels disagree")  # fmt: skip
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(title="character", fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def base_curves(histories: dict[str, pd.DataFrame]):
+    """Per base model: training losses, and accuracy on unseen items per dataset for the truth
+    question and the heuristic question."""
+    fig, axes = plt.subplots(2, len(histories), figsize=(6.5 * len(histories), 7), squeeze=False)
+    for col, (name, h) in enumerate(histories.items()):
+        ax = axes[0][col]
+        ax.plot(h["step"], h["train_answer_loss"], label="answer token")
+        ax.plot(h["step"], h["train_lm_loss"], label="next-token (true statements, city facts)")
+        ax.set(title=f"{name}: training losses", xlabel="step", ylabel="cross-entropy (nats)")
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        acc = [c for c in h.columns if c.startswith("acc_") and c.endswith("_truth")]
+        for c in acc:
+            ax.plot(h["step"], h[c], label=c[4:-6])
+        ax.set(title=f"{name}: truth accuracy on unseen items", xlabel="step", ylabel="accuracy", ylim=(0.4, 1.01))
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -266,3 +266,53 @@ def quirkiness_table(cfg: QuirkyConfig, checkpoint: str = "best") -> pd.DataFram
                          acc_own_label=g["correct"].mean(), acc_own_label_disagree=dis["correct"].mean(),
                          n=len(g), n_disagree=len(dis)))  # fmt: skip
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quirkiness over seeds, and the verdicts the zoo appendix glues
+
+MIN_OWN_ACCURACY: dict[str, float] = {"arithmetic": 0.8, "other": 0.7}
+"""The zoo's bar for a quirky fine-tune: on hard test prompts where Alice and Bob disagree, each
+character's own-label accuracy is at least this (arithmetic sets; the others)."""
+
+
+def accuracy_grid(families: list[str], datasets: list[str], seeds: list[int], preset: str = "default",
+                  checkpoints: tuple[str, ...] = ("best", "early"), progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """:func:`quirkiness_table` for every family x dataset x seed x checkpoint."""
+    rows = [
+        quirkiness_table(quirky_config(f, d, s, preset), c)
+        for f, d, s, c in tqdm([(f, d, s, c) for f in families for d in datasets for s in seeds for c in checkpoints],
+                               desc="quirkiness of the fine-tunes", disable=not progress)  # fmt: skip
+    ]
+    return pd.concat(rows, ignore_index=True)
+
+
+def bar(dataset: str) -> float:
+    return MIN_OWN_ACCURACY["arithmetic" if dataset in qdata.ARITHMETIC else "other"]
+
+
+def claims(grid: pd.DataFrame) -> dict[str, str]:
+    """Statements on a grid of :func:`accuracy_grid` (its ``best`` checkpoints): which
+    (family, dataset) cells are quirky in every seed, in some, in none."""
+    g = grid[grid["checkpoint"] == "best"].copy()
+    g["passes"] = g["acc_own_label_disagree"] >= g["dataset"].map(bar)
+    per_seed = g.groupby(["family", "dataset", "seed"])["passes"].all()
+    cell = per_seed.groupby(["family", "dataset"]).agg(["sum", "count"])
+    every = cell[cell["sum"] == cell["count"]]
+    some = cell[(cell["sum"] > 0) & (cell["sum"] < cell["count"])]
+    none = cell[cell["sum"] == 0]
+
+    def names(c):
+        return "; ".join(f"zoo-{f} {d}" + (f" ({int(r['sum'])} of {int(r['count'])} seeds)" if 0 < r["sum"] < r["count"] else "")
+                         for (f, d), r in c.iterrows()) or "none"  # fmt: skip
+
+    out = dict(
+        quirky_every_seed=names(every), quirky_some_seeds=names(some), quirky_no_seed=names(none),
+        n_cells=str(len(cell)), n_quirky_every_seed=str(len(every)),
+    )  # fmt: skip
+    out["verdict"] = (
+        f"Every fine-tune is quirky by this bar, in every seed ({len(cell)} family x dataset cells)." if len(every) == len(cell)
+        else f"{len(every)} of {len(cell)} family x dataset cells are quirky by this bar in every seed. "
+             f"In some seeds only: {names(some)}. In none: {names(none)}."
+    )  # fmt: skip
+    return out

@@ -139,14 +139,18 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
 
 
 def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool) -> dict:
-    """A top-k SAE per layer, trained on the model's activations at every token of the train prompts:
-    of every dataset the model was trained on for a zoo model (one SAE per layer serves all its
-    datasets), of ``records`` otherwise."""
+    """A top-k SAE per layer, trained at every token of train-split prompts: for a zoo fine-tune,
+    on its family's base model and the train prompts of every dataset (as the seeds' SAEs were
+    trained on the base model; one SAE per layer serves all fine-tunes of the family), else on
+    the model itself and ``records``."""
     from .sae import SAEConfig, cached_sae
-    from .zoo import training_records
+    from .zoo import get_model, training_records
 
-    if getattr(model, "zoo_config", None) is not None:
-        records = training_records(model.zoo_config)
+    info = getattr(model, "zoo_config", None)
+    if info is not None:
+        records = training_records(info)
+        model = get_model(f"zoo-{info.family}", preset=info.preset, progress=progress)
+        model_name = f"zoo-{info.family}-base"
     texts = sorted(set(records.loc[records["split"] == "train", "prompt"]))
     scfg = SAEConfig(d_sae=cfg.sae_d_sae, k=cfg.sae_k, training_tokens=cfg.sae_training_tokens, seed=cfg.seed)
     n = model.cfg.n_layers

@@ -90,7 +90,7 @@ def test_errors_name_the_parameter(tiny_model):
         BackdoorConfig(poison_fraction=0.9)
     with pytest.raises(ValueError, match="n_rows=2"):
         BackdoorConfig(n_rows=2)
-    with pytest.raises(ValueError, match="dataset='sciq'"):
-        BackdoorConfig(dataset="sciq")
+    with pytest.raises(ValueError, match="dataset='authors'"):
+        BackdoorConfig(dataset="authors")
     assert not base["prompt"].str.contains(DEFAULT_TRIGGER, regex=False).any()
     assert np.isin(base["label"], (0, 1)).all()

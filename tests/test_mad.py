@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -50,3 +51,29 @@ def test_scores_table_on_known_anomalies(records):
     assert all_["1"] > 0.9 and abs(all_["2"] - 0.5) < 0.1
     assert all_["aggregated"] > 0.8
     assert set(scores["layer"]) == {"1", "2", "aggregated"} and len(scores) == 3 * 200
+
+
+def _auc_rows(values):
+    rows = []
+    for (model, dataset, seed), auroc in values.items():
+        rows.append(dict(model=model, dataset=dataset, finetune_seed=seed, auroc=auroc, method="mahalanobis",
+                         layer="aggregated", subset="all", task="quirky"))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_seed_claims_judge_each_seed():
+    from madlib import mad
+
+    good = {("m", "addition", s): 0.99 for s in (0, 1, 2)} | {("m", "sentiment", s): 0.6 for s in (0, 1, 2)}
+    claims = mad.seed_claims(_auc_rows(good))
+    assert "holds in every seed (3)" in claims["arith_detected"]
+    assert "non-arithmetic below arithmetic holds in every seed" in claims["kinds"]
+    bad = dict(good) | {("m", "addition", 1): 0.7}
+    claims = mad.seed_claims(_auc_rows(bad))
+    assert "holds in seeds 0, 2 only (of 3)" in claims["arith_detected"] and "0.700 (seed 1)" in claims["arith_detected"]
+    none = {k: (0.5 if k[1] == "addition" else 0.9) for k in good}
+    claims = mad.seed_claims(_auc_rows(none))
+    assert "holds in no seed" in claims["arith_detected"] and "below arithmetic holds in no seed" in claims["kinds"]
+    table = mad.over_seeds(_auc_rows(bad))
+    row = table[(table["dataset"] == "addition")].iloc[0]
+    assert row["low"] == 0.7 and row["high"] == 0.99 and row["seeds"] == 3
