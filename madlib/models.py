@@ -383,7 +383,7 @@ def is_zoo_dir(spec: str) -> bool:
 class ModelLoader:
     """The model of each (spec, dataset) of an analysis grid: ``spec`` with the dataset's adapter
     (:func:`adapter_for`), or for a zoo name its quirky fine-tune on the dataset with seed
-    ``seed`` (:func:`madlib.zoo.get_model`); one model is held at a time, so consecutive datasets
+    ``seed`` (:func:`madlib.zoo.get_model`; ``zoo-gpt2@1`` names seed 1); one model is held at a time, so consecutive datasets
     of a model without adapter reuse it, and an 8B model is never held twice."""
 
     def __init__(self, adapter: str = "", preset: str = "default", seed: int = 0, **load_kwargs):
@@ -391,11 +391,12 @@ class ModelLoader:
         self._key, self._model = None, None
 
     def __call__(self, spec: str, dataset: str):
-        key = (spec, dataset if spec in zoo.ZOO else adapter_for(self.adapter, spec, dataset))
+        name, seed = zoo.parse_seeded(spec, self.seed)
+        key = (spec, dataset if name in zoo.ZOO else adapter_for(self.adapter, spec, dataset))
         if key != self._key:
             self._model = None  # release the previous model before loading the next
-            if spec in zoo.ZOO:
-                self._model = zoo.get_model(spec, preset=self.preset, dataset=dataset, seed=self.seed)
+            if name in zoo.ZOO:
+                self._model = zoo.get_model(name, preset=self.preset, dataset=dataset, seed=seed)
             else:
                 self._model = load_model(spec, adapter=key[1], preset=self.preset, **self.load_kwargs)
             self._key = key

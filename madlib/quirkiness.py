@@ -464,13 +464,17 @@ def model_summary(points: pd.DataFrame) -> pd.DataFrame:
 
 def variant_pairs(points: pd.DataFrame) -> pd.DataFrame:
     """For every model ``m`` with a variant ``m-<suffix>`` among the points (e.g. ``zoo-gpt2`` and
-    ``zoo-gpt2-early``), per shared dataset: the variant's quirkiness, layer-mean hidden ratio and
+    ``zoo-gpt2-early``, or ``zoo-gpt2@1`` and ``zoo-gpt2-early@1``: the same fine-tuning seed), per shared dataset: the variant's quirkiness, layer-mean hidden ratio and
     AUROC minus the model's (``d_quirkiness, d_hidden_ratio, d_auroc``)."""
     models = list(dict.fromkeys(points["model"]))
     p = points.set_index(["model", "dataset"])
     rows = []
+    def variant_of(var: str, base: str) -> bool:  # zoo-gpt2-early@1 is a variant of zoo-gpt2@1
+        (v, _, vs), (b, _, bs) = var.partition("@"), base.partition("@")
+        return v.startswith(f"{b}-") and vs == bs
+
     for base in models:
-        for var in (m for m in models if m.startswith(f"{base}-")):
+        for var in (m for m in models if variant_of(m, base)):
             for ds in p.loc[base].index.intersection(p.loc[var].index):
                 a, b = p.loc[(base, ds)], p.loc[(var, ds)]
                 rows.append(

@@ -78,6 +78,22 @@ class ZooModel:
         return quirky_config(self.family, dataset or self.dataset, self.seed, self.preset)
 
 
+def parse_seeded(spec: str, seed: int = 0) -> tuple[str, int]:
+    """``"zoo-gpt2@2"`` -> ``("zoo-gpt2", 2)``: a zoo name with the seed of its fine-tunes; any
+    other spec is returned as is, with ``seed``."""
+    name, at, rest = spec.rpartition("@")
+    if at and name in ZOO:
+        if not rest.isdigit():
+            raise ValueError(f"model={spec!r} is not accepted; write a zoo name with a fine-tuning seed as {name}@<integer>")
+        return name, int(rest)
+    return spec, seed
+
+
+def seeded_names(names: list[str], seeds: list[int]) -> list[str]:
+    """Each zoo name once per seed (``zoo-gpt2@0``, ``zoo-gpt2@1``, ...); other specs once."""
+    return [f"{n}@{s}" if n in ZOO else n for n in names for s in (seeds if n in ZOO else [None])]
+
+
 def _check(name: str, preset: str) -> None:
     qdata._check_choice("model", name, list(ZOO))
     qdata._check_choice("zoo_preset", preset, list(PRESETS))

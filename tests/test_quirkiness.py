@@ -233,13 +233,17 @@ def test_variant_pairs_and_model_summary():
     np.testing.assert_allclose(pairs["d_auroc"], [-0.29, -0.3])
     s = qk.model_summary(_points()).set_index("model")
     assert s.loc["a", "quirky_datasets"] == 1 and s.loc["b", "auroc"] == pytest.approx(0.925)
+    seeded = _points().assign(model=lambda d: d["model"] + "@1")
+    seeded = pd.concat([seeded, _points().assign(model=lambda d: d["model"] + "@2")])
+    pairs = qk.variant_pairs(seeded)
+    assert sorted(set(zip(pairs["model"], pairs["variant"]))) == [("a@1", "a-early@1"), ("a@2", "a-early@2")]
     bins = qk.ratio_bins(pd.DataFrame(dict(hidden_ratio=[1e-3, 2e-3, 0.05, 0.5], auroc=[0.5, 0.6, 0.8, 1.0])))
     assert bins["n"].tolist() == [2, 1, 1] and bins["mean_auroc"].tolist() == pytest.approx([0.55, 0.8, 1.0])
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="datasets='sciq'"):
-        qk.QuirkConfig(datasets=["sciq"])
+    with pytest.raises(ValueError, match="datasets='authors'"):
+        qk.QuirkConfig(datasets=["authors"])
     with pytest.raises(ValueError, match="detectors='nope'"):
         qk.QuirkConfig(detectors=["nope"])
     with pytest.raises(ValueError, match="max_test=1"):

@@ -119,3 +119,11 @@ def test_build_zoo_trains_in_parallel_processes(tmp_path, monkeypatch):
         assert (quirky.adapter_dir(c) / "early" / "adapter.safetensors").is_file()
     with pytest.raises(ValueError, match="model='zoo-t5'"):
         zoo.build_zoo(["zoo-t5"], ["addition"], preset="tiny")
+
+
+def test_seeded_names():
+    assert zoo.seeded_names(["zoo-gpt2", "org/model"], [0, 2]) == ["zoo-gpt2@0", "zoo-gpt2@2", "org/model"]
+    assert zoo.parse_seeded("zoo-llama-early@2") == ("zoo-llama-early", 2)
+    assert zoo.parse_seeded("org/model@v1", 3) == ("org/model@v1", 3)
+    with pytest.raises(ValueError, match="model='zoo-gpt2@x'"):
+        zoo.parse_seeded("zoo-gpt2@x")
