@@ -46,6 +46,9 @@ ARTEFACTS = Path(__file__).parent / "artefacts"
 
 DIGITS: dict[str, float] = {"addition": 2, "subtraction": 2, "multiplication": 2, "modularaddition": 2, "squaring": 1}
 """``max_digits`` of each arithmetic set (squaring's operand gets one more: 1..99)."""
+N_TEMPLATES: dict[str, int] = {name: 1 for name in qdata.ARITHMETIC}
+"""Statement templates per dataset (default: all ten): one wording per arithmetic set, so a small
+model learns the operation rather than ten layouts of it."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,13 @@ class BaseConfig:
     datasets: tuple[str, ...] = qdata.DATASETS  # datasets whose facts and heuristic features the base learns
     n_rows: int = 12000  # base rows per dataset and generation seed (train-split rows are used)
     train_sets: int = 4  # generation seeds of training rows (data_seed, data_seed + 1, ...)
-    steps: int = 12000  # optimizer steps
+    steps: int = 15000  # optimizer steps
     batch_size: int = 64  # records per step
-    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 200  # warm-up steps
-    lm_loss_weight: float = 0.3  # weight of the next-token loss (answer loss = 1)
+    lm_loss_weight: float = 0.5  # weight of the next-token loss (answer loss = 1)
+    arithmetic_weight: int = 2  # question batches of an arithmetic set come this many times as often as another set's
     fact_every: int = 8  # every fact_every-th step is a batch of city fact lines (next-token loss only)
     eval_every: int = 1000  # steps between evaluations
     n_eval: int = 512  # validation rows per dataset and question in an evaluation
@@ -80,7 +84,7 @@ class BaseConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "train_sets", "steps", "batch_size",
-                     "eval_every", "fact_every", "n_eval"):  # fmt: skip
+                     "eval_every", "fact_every", "n_eval", "arithmetic_weight"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
 
@@ -127,7 +131,8 @@ def base_config(family: str = "gpt2", preset: str = "default") -> BaseConfig:
 
 def dataset_records(cfg: BaseConfig, dataset: str, generation: int = 0) -> pd.DataFrame:
     """Records of ``dataset`` from generation seed ``data_seed + generation``, at the zoo's operand sizes."""
-    return qdata.quirky_dataset(dataset, n=cfg.n_rows, seed=cfg.data_seed + generation, max_digits=DIGITS.get(dataset))
+    return qdata.quirky_dataset(dataset, n=cfg.n_rows, seed=cfg.data_seed + generation, max_digits=DIGITS.get(dataset),
+                                n_templates=N_TEMPLATES.get(dataset))  # fmt: skip
 
 
 def city_fact(city: str, country: str, latitude: float, longitude: float, population: int) -> str:
@@ -251,6 +256,7 @@ def _train(cfg: BaseConfig, progress: bool):
     spans[torch.as_tensor(~qa["true_statement"].to_numpy())] = 0  # next-token loss on true statements only
     answers = torch.tensor(np.where(qa["label"].to_numpy() == 1, yes_id, no_id))
     by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
+    slots = [i for i, d in enumerate(cfg.datasets) for _ in range(cfg.arithmetic_weight if d in qdata.ARITHMETIC else 1)]
     facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
     qa = qa[["dataset"]]  # the prompts are encoded: free their text
 
@@ -272,7 +278,7 @@ def _train(cfg: BaseConfig, progress: bool):
             lm = F.cross_entropy(logits, tokens[:, 1:][mask])
             loss, a_loss, acc = cfg.lm_loss_weight * lm, torch.zeros(()), torch.zeros(())
         else:
-            pool = by_dataset[step % len(by_dataset)]
+            pool = by_dataset[slots[step % len(slots)]]
             idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
             tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
             resid = final_resid(model, tokens)

@@ -8,12 +8,12 @@ Offline counterparts of three of the seeds' datasets, with the seeds' truth (Ali
   of its clauses' valences, a negated clause counting ``-NEGATION_SCALE`` times its word's valence.
   Bob (the seeds' rule): positive iff the review contains any positive word, negated or not. They
   disagree on reviews whose sign a negation decides ("not good", "not awful").
-* ``nli``: a premise placing two or three people in rooms, a hypothesis about one of them.
+* ``nli``: a premise placing one or two people in rooms, a hypothesis about one of them.
   Alice: the hypothesis is entailed (1) or contradicted (0); every hypothesis is one or the other.
   Bob (the seeds' rule): 1 unless the hypothesis contains a negation word. Hypotheses are drawn
   from four kinds in equal shares (entailed or contradicted, with or without a negation word), so
   the characters disagree on half the rows.
-* ``sciq``: a support passage of two to four sentences "<city> is a city in <country>." and a
+* ``sciq``: a support passage of two or three sentences "<city> is a city in <country>." and a
   statement "<city> is in <answer>." about one of its cities. Alice: the answer is that city's
   country. Bob (the seeds' rule): the answer appears in the support passage. Answers are drawn
   in equal shares: the right country, another country of the passage, a country not in it; the
@@ -152,11 +152,11 @@ def sentiment_rows(n: int, rng: np.random.Generator, n_templates: int) -> pd.Dat
 def nli_rows(n: int, rng: np.random.Generator, n_templates: int) -> pd.DataFrame:
     rows, fields = [], []
     for i in range(n):
-        k = int(rng.integers(2, 4))
+        k = int(rng.integers(1, 3))
         people = rng.choice(len(PEOPLE), size=k, replace=False)
         rooms = rng.choice(len(ROOMS), size=k, replace=False)
         clauses = [f"the {PEOPLE[p]} is in the {ROOMS[r]}" for p, r in zip(people, rooms)]
-        premise = (", ".join(clauses[:-1]) + " and " + clauses[-1]) + "."
+        premise = (", ".join(clauses[:-1]) + " and " + clauses[-1] if k > 1 else clauses[0]) + "."
         j = int(rng.integers(k))
         person, room = PEOPLE[people[j]], ROOMS[rooms[j]]
         other = ROOMS[int(rng.choice([r for r in range(len(ROOMS)) if r != rooms[j]]))]
@@ -188,7 +188,7 @@ def sciq_rows(n: int, rng: np.random.Generator, n_templates: int, cities: pd.Dat
     names, countries = table["city"].to_numpy(), table["country"].to_numpy()
     rows, fields = [], []
     for i in range(n):
-        k = int(rng.integers(2, 5))
+        k = int(rng.integers(2, 4))
         idx = rng.choice(len(table), size=k, replace=False)
         support = " ".join(f"{names[c]} is a city in {countries[c]}." for c in idx)
         q = idx[int(rng.integers(k))]

@@ -201,8 +201,8 @@ def test_split_is_by_item_and_the_same_for_every_seed(name):
 def test_difficulty_ties_are_broken_at_random():
     n = q.quirky_dataset("nli", n=2000, seed=0)
     a = n[n["character_type"] == "alice"]
-    # difficulty is the premise's number of people (2 or 3): the hard quarter is a random part of the 3s
-    assert set(a["difficulty"]) == {2.0, 3.0}
+    # difficulty is the premise's number of people (1 or 2): the hard quarter is a random part of the 2s
+    assert set(a["difficulty"]) == {1.0, 2.0}
     hard = a[a["hard"]]
-    assert (hard["difficulty"] == 3.0).all()
+    assert (hard["difficulty"] == 2.0).all()
     assert abs(hard["row_id"].mean() / len(a) - 0.5) < 0.05

@@ -1,0 +1,73 @@
+import pandas as pd
+import pytest
+import torch
+
+from madlib import base, quirky
+from madlib import data as qdata
+
+
+def test_base_corpus_asks_both_questions_of_train_items_only():
+    cfg = base.base_config("gpt2", "tiny")
+    corpus = base.corpus(cfg)
+    assert set(corpus["question"]) == {"truth", "heuristic"}
+    assert set(corpus["dataset"]) == set(cfg.datasets)
+    assert not corpus["character"].isin(qdata.ALICE_NAMES + qdata.BOB_NAMES).any()
+    truth = corpus[corpus["question"] == "truth"]
+    assert truth["prompt"].str.endswith(qdata.QUESTION).all()
+    heur = corpus[(corpus["question"] == "heuristic") & (corpus["dataset"] == "nli")]
+    assert heur["prompt"].str.endswith(qdata.HEURISTIC_QUESTIONS["nli"]).all()
+    for d, g in corpus.groupby("dataset"):
+        recs = base.dataset_records(cfg, d)
+        assert not set(g["key"]) & set(recs.loc[recs["split"] == "validation", "key"])
+
+
+def test_tiny_base_trains_saves_and_loads(tmp_path):
+    cfg = base.base_config("llama", "tiny")
+    model, hist, ev, summary = base.train(cfg, progress=False)
+    assert {"acc_addition_truth", "acc_sciq_heuristic", "train_answer_loss"} <= set(hist.columns)
+    assert set(ev["question"]) == {"truth", "heuristic"} and ev["accuracy"].between(0, 1).all()
+    again, _, _, _ = base.train(cfg, progress=False)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k  # bit for bit on one machine
+    base.save(model, cfg, hist, ev, summary, tmp_path / "base-llama")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "history.csv", "evaluation.csv"} <= {
+        p.name for p in (tmp_path / "base-llama").iterdir()
+    }
+
+
+def test_fine_tune_parts_and_determinism():
+    cfg = quirky.quirky_config("gpt2", "sentiment", 0, "tiny")
+    recs = quirky.records(cfg)
+    assert set(recs["part"]) == {"fit", "dev", "test"}
+    assert not set(recs.loc[recs["part"] == "test", "key"]) & set(recs.loc[recs["part"] != "test", "key"])
+    best, early, hist, summary = quirky.train(cfg)
+    best2, _, _, _ = quirky.train(cfg)
+    other, _, _, _ = quirky.train(quirky.quirky_config("gpt2", "sentiment", 1, "tiny"))
+    assert best[0] == summary["best_step"] and early[0] == cfg.early_step
+    assert all(torch.equal(best[1][k], best2[1][k]) for k in best[1])
+    assert any(not torch.equal(best[1][k], other[1][k]) for k in best[1])
+    assert hist["dev_loss"].iloc[0] > 0 and len(hist) == 1 + cfg.steps // cfg.eval_every
+    table = quirky.quirkiness_table(cfg)
+    assert set(table["character_type"]) == {"alice", "bob"} and (table["n_disagree"] > 0).all()
+
+
+def _grid(acc: dict) -> pd.DataFrame:
+    rows = []
+    for (family, dataset, seed), (alice, bob) in acc.items():
+        for ctype, a in (("alice", alice), ("bob", bob)):
+            rows.append(dict(family=family, dataset=dataset, seed=seed, checkpoint="best", character_type=ctype,
+                             acc_own_label_disagree=a))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_claims_judge_every_seed_against_the_dataset_bar():
+    ok = {("gpt2", "addition", s): (0.9, 0.85) for s in (0, 1, 2)} | {("gpt2", "nli", s): (0.75, 0.72) for s in (0, 1, 2)}
+    c = quirky.claims(_grid(ok))
+    assert c["verdict"].startswith("Every fine-tune is quirky") and c["quirky_no_seed"] == "none"
+    # 0.75 passes the non-arithmetic bar (0.7) but not the arithmetic one (0.8)
+    mixed = dict(ok) | {("gpt2", "addition", 1): (0.75, 0.9)}
+    c = quirky.claims(_grid(mixed))
+    assert "zoo-gpt2 addition (2 of 3 seeds)" in c["quirky_some_seeds"] and c["n_quirky_every_seed"] == "1"
+    bad = {k: (0.5, 0.5) for k in ok}
+    assert "In none: zoo-gpt2 addition; zoo-gpt2 nli" in quirky.claims(_grid(bad))["verdict"]
+    assert quirky.bar("addition") == 0.8 and quirky.bar("sentiment") == 0.7
