@@ -1,12 +1,17 @@
 """The zoo's quirky fine-tunes: one LoRA adapter per (family, dataset, seed) on the family's base.
 
 As the seeds built their models: the pretrained base (:mod:`madlib.base`) is fine-tuned once per
-dataset with a LoRA adapter (:mod:`madlib.lora`, r = 8 on the q, k, v, gate, up and down
-weights), on the answer token only, on the dataset's train-split records of both characters
+dataset, on the answer token only, on the dataset's train-split records of both characters
 (Alice-like names answer with the truth, Bob-like names with the heuristic). The adapter kept is
 the one with the lowest answer loss on a development part of the train split (items hashed apart,
 :func:`madlib.data.key_in_validation`); the validation split, the analyses' test set, is never
-seen. The adapter after ``early_step`` steps is kept too, as the less quirky ``-early`` variant.
+seen. The weights after ``early_step`` steps are kept too, as the less quirky ``-early`` variant.
+
+The seeds trained LoRA adapters (``method="lora"``: :mod:`madlib.lora`, r = 8 on the q, k, v, gate,
+up and down weights). On the zoo's bases a LoRA adapter does not learn, within the zoo's training
+budget, to read the name at the top of the prompt (the base never needed it): 400 steps of 32
+records leave both characters near chance on hemisphere's disagreeing prompts, where fine-tuning
+every weight (``method="full"``, the default) makes both follow their own label.
 
 Adapters are named like the hub's, ``zoo-<family>-<dataset>``, and cached under a key of their
 config, the base's weights and the code.
@@ -35,6 +40,8 @@ from .paths import model_cache_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 from .zoo import FAMILIES, final_resid, pad_batch, warmup_cosine
 
+METHODS = ("full", "lora")
+"""Fine-tuning methods: every weight, or a LoRA adapter."""
 DEV_FRACTION = 0.1
 """Share of train-split items held out for checkpoint selection."""
 
@@ -46,21 +53,23 @@ class QuirkyConfig:
     family: str = "gpt2"  # base family
     dataset: str = "addition"  # quirky dataset
     seed: int = 0  # adapter initialisation and batch order
-    rank: int = 8  # LoRA rank
-    alpha: float = 16.0  # LoRA scale alpha / rank
-    steps: int = 150  # optimizer steps
-    batch_size: int = 64  # records per step
-    lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
-    warmup: int = 15  # warm-up steps
-    eval_every: int = 25  # steps between development-set evaluations
+    method: str = "full"  # "full" fine-tunes every weight; "lora" trains a LoRA adapter (the seeds' method)
+    rank: int = 8  # LoRA rank (method "lora")
+    alpha: float = 16.0  # LoRA scale alpha / rank (method "lora")
+    steps: int = 400  # optimizer steps
+    batch_size: int = 32  # records per step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    warmup: int = 20  # warm-up steps
+    eval_every: int = 50  # steps between development-set evaluations
     n_dev: int = 512  # development records per evaluation
-    early_step: int = 10  # step whose adapter is kept as the less quirky -early variant (0 = none)
+    early_step: int = 50  # step whose weights are kept as the less quirky -early variant (0 = none)
     base_preset: str = "default"  # preset of the base model
 
     def __post_init__(self) -> None:
         qdata._check_choice("family", self.family, FAMILIES)
         qdata._check_choice("dataset", self.dataset, qdata.DATASETS)
         qdata._check_choice("base_preset", self.base_preset, list(zbase.PRESETS))
+        qdata._check_choice("method", self.method, METHODS)
         for name in ("rank", "steps", "batch_size", "eval_every", "n_dev"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
@@ -81,7 +90,7 @@ class QuirkyConfig:
 
 PRESETS: dict[str, dict] = {
     "default": {},
-    "tiny": dict(steps=20, batch_size=32, eval_every=10, n_dev=64, early_step=5, warmup=5, base_preset="tiny"),
+    "tiny": dict(steps=20, batch_size=32, eval_every=10, n_dev=64, early_step=5, warmup=5, lr=3e-3, base_preset="tiny"),
 }
 
 
@@ -145,6 +154,10 @@ def _answer_loss(model, tokens, lengths, answers, yes_no):
     return torch.nn.functional.cross_entropy(two, (answers == yes_no[1]).long())
 
 
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _train(cfg: QuirkyConfig, progress: bool):
     model, _, _ = zbase.load(cfg.family, cfg.base_preset, progress=progress)
     tok = build_tokenizer()
@@ -156,7 +169,13 @@ def _train(cfg: QuirkyConfig, progress: bool):
     y = torch.tensor(np.where(fit["label"].to_numpy() == 1, yes_id, no_id))
     dev_tokens, dev_len = pad_batch(encode(dev["prompt"].tolist(), tok), pad_id)
     y_dev = torch.tensor(np.where(dev["label"].to_numpy() == 1, yes_id, no_id))
-    params = lora.attach(model, cfg.lora, seed=cfg.seed)
+    if cfg.method == "lora":
+        params = lora.attach(model, cfg.lora, seed=cfg.seed)
+        snapshot = lora.adapters
+    else:
+        model.requires_grad_(True)
+        params = list(model.parameters())
+        snapshot = _weights
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -180,13 +199,13 @@ def _train(cfg: QuirkyConfig, progress: bool):
         sched.step()
         running.append(loss.item())
         if step == cfg.early_step:
-            early = (step, lora.adapters(model))
+            early = (step, snapshot(model))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = dev_loss()
             history.append(dict(step=step, train_loss=float(np.mean(running)), dev_loss=v, seconds=time.perf_counter() - t0))
             running = []
             if v < best_loss:
-                best_loss, best = v, (step, lora.adapters(model))
+                best_loss, best = v, (step, snapshot(model))
     summary = dict(best_step=best[0], best_dev_loss=best_loss, train_seconds=time.perf_counter() - t0, n_fit=len(fit))
     return best, early, pd.DataFrame(history), summary
 
@@ -204,7 +223,7 @@ def save(cfg: QuirkyConfig, best, early, history: pd.DataFrame, summary: dict, p
         if ckpt is None:
             continue
         (tmp / sub).mkdir()
-        save_file({k: v.contiguous() for k, v in ckpt[1].items()}, tmp / sub / "adapter.safetensors")
+        save_file({k: v.contiguous() for k, v in ckpt[1].items()}, tmp / sub / weights_file(cfg))
         (tmp / sub / "adapter_config.json").write_text(json.dumps(dict(meta, step=ckpt[0], checkpoint=sub), indent=2))
     history.to_csv(tmp / "history.csv", index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,9 +231,14 @@ def save(cfg: QuirkyConfig, best, early, history: pd.DataFrame, summary: dict, p
     os.replace(tmp, path)
 
 
+def weights_file(cfg: QuirkyConfig) -> str:
+    """The file of a checkpoint: the adapter's factors, or the fine-tuned weights."""
+    return "adapter.safetensors" if cfg.method == "lora" else "model.safetensors"
+
+
 def trained_dir(cfg: QuirkyConfig, progress: bool = False) -> Path:
     path = adapter_dir(cfg)
-    if not (path / "best" / "adapter.safetensors").is_file():
+    if not (path / "best" / weights_file(cfg)).is_file():
         best, early, history, summary = train(cfg, progress=progress)
         save(cfg, best, early, history, summary, path)
     return path
@@ -227,7 +251,10 @@ def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
     qdata._check_choice("checkpoint", checkpoint, ("best", "early"))
     path = trained_dir(cfg, progress) / checkpoint
     model, _, _ = zbase.load(cfg.family, cfg.base_preset)
-    lora.merge_factors(model, load_file(path / "adapter.safetensors"), cfg.lora)
+    if cfg.method == "lora":
+        lora.merge_factors(model, load_file(path / "adapter.safetensors"), cfg.lora)
+    else:
+        model.load_state_dict(load_file(path / "model.safetensors"))
     model.adapter_dir = path
     return model
 
@@ -238,7 +265,7 @@ def _train_in_worker(cfg: QuirkyConfig) -> str:
 
 def build(configs: list[QuirkyConfig], workers: int | None = None, progress: bool = True) -> list[Path]:
     """Train the adapters of ``configs`` that are not cached, in parallel single-threaded processes."""
-    missing = [c for c in configs if not (adapter_dir(c) / "best" / "adapter.safetensors").is_file()]
+    missing = [c for c in configs if not (adapter_dir(c) / "best" / weights_file(c)).is_file()]
     workers = workers or min(len(missing), os.cpu_count() or 1)
     if len(missing) > 1 and workers > 1:
         import multiprocessing as mp

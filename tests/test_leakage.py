@@ -50,3 +50,15 @@ def test_test_sets_are_large_enough():
                       & rec["character"].isin(qdata.ALICE_NAMES[: qdata.N_TRUSTED_NAMES])]  # fmt: skip
         assert len(test) >= 1000 and test["character_type"].value_counts().min() >= 500, d
         assert len(trusted) >= 1000, d
+
+
+def test_detector_training_texts_hold_no_test_item(test_items):
+    """SAEs, flows and autoencoders fit on train-split prompts (the SAEs on every dataset's)."""
+    from madlib.zoo import ZooModel, training_records
+
+    recs = training_records(ZooModel("zoo-gpt2", "gpt2"))
+    train = recs[recs["split"] == "train"]
+    for d, g in train.groupby("dataset"):
+        keys, texts = test_items[d]
+        assert not set(g["key"]) & keys, d
+        assert not set(g["context"] + "|" + g["statement"]) & texts, d

@@ -13,14 +13,14 @@ from madlib.runner import NOTEBOOKS, NotebookFailed, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
-    "zoo": dict(zoo_preset="tiny", batch_size=64),
+    "zoo": dict(zoo_preset="tiny", datasets=["addition", "hemisphere", "nli"], seeds=[0, 1]),
     "mad_auc": dict(
-        zoo_preset="tiny", datasets=["addition", "hemisphere"], n_boot=50, max_test=200, batch_size=64, backdoor_steps=20,
+        zoo_preset="tiny", datasets=["addition", "hemisphere"], seeds=[0, 1], n_boot=50, max_test=200, batch_size=64, backdoor_steps=20,
         sae_training_tokens=20000,
         detectors=["mahalanobis", "lof", "sae_diag_mahalanobis", "atp_mean_mahalanobis", "probe_shift_mahalanobis", "finetune_kl",
                    "probe_skyline"],
     ),  # fmt: skip
-    "quirkiness": dict(zoo_preset="tiny", models=["zoo-gpt2", "zoo-gpt2-early"], datasets=["addition", "hemisphere"],
+    "quirkiness": dict(zoo_preset="tiny", models=["zoo-gpt2", "zoo-gpt2-early"], datasets=["addition", "hemisphere"], seeds=[0],
                        n_boot=50, max_test=200, batch_size=64),
     "drift": dict(zoo_preset="tiny", layer=1, tasks=["addition", "population", "addition-large"], finetune_steps=5, n_finetune=64,
                   sae_d_sae=64, sae_k=8, sae_training_tokens=20000, sae_batch_size=512, n_sae_texts=50, n_eval=28, k_max=10),
@@ -71,7 +71,7 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     assert runner.run_notebooks() == {n: "executed" for n in NOTEBOOKS}
     auc = pd.read_csv(root / "_build" / "results" / "mad_auc" / "auc.csv")
     assert list(auc.columns) == ["model", "task", "dataset", "method", "feature_source", "skyline", "layer", "selected_layer",
-                                 "subset", "auroc", "ci_low", "ci_high", "n", "seed"]  # fmt: skip
+                                 "subset", "auroc", "ci_low", "ci_high", "n", "seed", "finetune_seed"]  # fmt: skip
     assert set(auc["layer"].astype(str)) >= {"1", "2", "aggregated", "mean", "best"}
     assert set(auc["subset"]) == {"all", "agree", "disagree"} and set(auc["method"]) == set(SMOKE["mad_auc"]["detectors"])
     assert set(auc["model"]) == {"zoo-gpt2", "zoo-llama"} and set(auc["task"]) == {"quirky", "backdoor"}
@@ -79,7 +79,10 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     best = auc[auc["layer"] == "best"]
     assert len(best) and best["selected_layer"].notna().all() and (best["n"] < auc.loc[auc["layer"] == "aggregated", "n"].max()).all()
     assert auc.loc[auc["subset"] == "all", "auroc"].between(0, 1).all()
-    assert (root / "_build" / "results" / "zoo" / "accuracy.csv").is_file()
+    assert set(auc.loc[auc["method"] == "mahalanobis", "finetune_seed"]) == {0, 1}
+    assert set(auc.loc[auc["method"] == "lof", "finetune_seed"]) == {0}  # the full comparison runs on the first seed
+    grid = pd.read_csv(root / "_build" / "results" / "zoo" / "finetune_accuracy.csv")
+    assert set(grid["seed"]) == {0, 1} and set(grid["dataset"]) == {"addition", "hemisphere", "nli"}
 
     runner.build_book()
     html = (root / "_build" / "html" / "book" / "generated" / "mad_auc.html").read_text()

@@ -94,8 +94,13 @@ def test_base_and_fine_tunes_load_by_name(tiny_model):
     assert not torch.allclose(w(ft), w(other_seed))
     # the same fine-tune loads from its cache with the same weights
     assert torch.equal(w(zoo.get_model("zoo-gpt2", preset="tiny", dataset="hemisphere")), w(ft))
-    # only the adapted weights moved: embeddings and norms are the base's
-    assert torch.equal(ft.embed.W_E, tiny_model.embed.W_E) and torch.equal(ft.ln_final.w, tiny_model.ln_final.w)
+    # a LoRA fine-tune moves only the adapted weights: embeddings and norms stay the base's
+    from dataclasses import replace
+
+    lcfg = replace(quirky.quirky_config("gpt2", "hemisphere", 0, "tiny"), method="lora")
+    lora_ft = quirky.load(lcfg)
+    assert torch.equal(lora_ft.embed.W_E, tiny_model.embed.W_E) and torch.equal(lora_ft.ln_final.w, tiny_model.ln_final.w)
+    assert not torch.equal(lora_ft.blocks[0].attn.W_Q, tiny_model.blocks[0].attn.W_Q)
     hist = zoo.history(ft)
     assert {"step", "train_loss", "dev_loss"} <= set(hist.columns)
 
@@ -115,8 +120,8 @@ def test_build_zoo_trains_in_parallel_processes(tmp_path, monkeypatch):
                             progress=False)  # fmt: skip
     assert len(configs) == 4
     for c in configs:
-        assert (quirky.adapter_dir(c) / "best" / "adapter.safetensors").is_file()
-        assert (quirky.adapter_dir(c) / "early" / "adapter.safetensors").is_file()
+        assert (quirky.adapter_dir(c) / "best" / quirky.weights_file(c)).is_file()
+        assert (quirky.adapter_dir(c) / "early" / quirky.weights_file(c)).is_file()
     with pytest.raises(ValueError, match="model='zoo-t5'"):
         zoo.build_zoo(["zoo-t5"], ["addition"], preset="tiny")
 
