@@ -11,11 +11,14 @@ two questions:
   label, which is also true of the statement (for example "Is the city west of the prime
   meridian?"): a pretrained model knows the features a heuristic reads.
 
-plus a next-token loss on the content of true statements and on one fact line per city of the
+plus a next-token loss on the content of true statements, on one fact line per city of the
 knowledge sets ("Lyon (France): northern hemisphere, east of Greenwich, over 30,000 people."),
-which teaches the facts about every city without ever writing a dataset's statement. Only
-train-split items (:func:`madlib.data.key_in_validation`) are asked about, so no validation
-statement is in the base's training data.
+which teaches the facts about every city without ever writing a dataset's statement, and on the
+result of arithmetic drill lines (:func:`drill_lines`: "56 + 34 = 90." for every train-split
+operand pair), which teach the operations themselves: a verification question alone (one bit per
+record) leaves a small model at the majority answer. Only train-split items
+(:func:`madlib.data.key_in_validation`) are asked about or drilled, so no validation statement is
+in the base's training data.
 
 The trained bases ship with the repository (``madlib/artefacts/base-<family>/``: safetensors
 weights, JSON config, tokenizer, training log) and are regenerated bit for bit on one machine by
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import data as qdata
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
-from .zoo import FAMILIES, content_spans, final_resid, pad_batch, warmup_cosine
+from .zoo import FAMILIES, _record_use, content_spans, final_resid, pad_batch, warmup_cosine
 
 ARTEFACTS = Path(__file__).parent / "artefacts"
 
@@ -64,14 +67,15 @@ class BaseConfig:
     datasets: tuple[str, ...] = qdata.DATASETS  # datasets whose facts and heuristic features the base learns
     n_rows: int = 12000  # base rows per dataset and generation seed (train-split rows are used)
     train_sets: int = 4  # generation seeds of training rows (data_seed, data_seed + 1, ...)
-    steps: int = 15000  # optimizer steps
+    steps: int = 26000  # optimizer steps (question, drill and fact batches)
     batch_size: int = 64  # records per step
     lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup: int = 200  # warm-up steps
     lm_loss_weight: float = 0.5  # weight of the next-token loss (answer loss = 1)
-    arithmetic_weight: int = 2  # question batches of an arithmetic set come this many times as often as another set's
+    arithmetic_weight: int = 1  # question batches of an arithmetic set come this many times as often as another set's
     fact_every: int = 8  # every fact_every-th step is a batch of city fact lines (next-token loss only)
+    drill_every: int = 2  # every other step (odd steps, facts first) is a batch of one operation's drill lines (0 = none)
     eval_every: int = 1000  # steps between evaluations
     n_eval: int = 512  # validation rows per dataset and question in an evaluation
     seed: int = 0  # initialisation and batch order
@@ -87,6 +91,8 @@ class BaseConfig:
                      "eval_every", "fact_every", "n_eval", "arithmetic_weight"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+        if self.drill_every < 0:
+            raise ValueError(f"drill_every={self.drill_every!r} is not accepted; give 0 (no drill) or a positive integer")
 
     def to_dict(self) -> dict:
         return dict(asdict(self), datasets=list(self.datasets))
@@ -171,6 +177,52 @@ def corpus(cfg: BaseConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def drill_lines(dataset: str, split: str = "train") -> tuple[list[str], list[str]]:
+    """The arithmetic drill of ``dataset``: its first statement template with the true result, for
+    every operand (pair) of the zoo's range whose item is in ``split`` ("train" or "validation").
+    Returns the lines and their prefixes (the text before the result; the drill's loss is on the
+    rest)."""
+    qdata._check_choice("dataset", dataset, qdata.ARITHMETIC)
+    qdata._check_choice("split", split, ("train", "validation"))
+    op = qdata._OPS[dataset]
+    template = op.templates[0]
+    head = template.split("{result}")[0]
+    if op.arity == 2:
+        top = qdata.operand_max(DIGITS[dataset])
+        ops = [(a, b) for a in range(1, top + 1) for b in range(1, top + 1)]
+    else:
+        ops = [(a, 0) for a in range(1, qdata.operand_max(DIGITS[dataset] + 1) + 1)]
+    val = qdata.key_in_validation(dataset, [f"{a}|{b}" for a, b in ops])
+    ops = [o for o, v in zip(ops, val) if v == (split == "validation")]
+    args = [dict(op1=a, op2=b, result=op.fn(a, b) if op.arity == 2 else op.fn(a)) for a, b in ops]
+    return [template.format(**x) for x in args], [head.format(**x).rstrip() for x in args]
+
+
+def _encode_drill(dataset: str, split: str, tok) -> tuple[list[np.ndarray], list[int]]:
+    """Token ids of the drill lines and the index of each line's first result token."""
+    lines, heads = drill_lines(dataset, split)
+    return [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)], [len(h) for h in encode(heads, tok)]
+
+
+def _drill_batch(seqs, starts, idx, pad_id: int):
+    tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
+    start = torch.tensor([starts[i] for i in idx])
+    target = torch.arange(1, tokens.shape[1])[None, :]
+    return tokens, (target >= start[:, None]) & (target < lengths[:, None])
+
+
+@torch.no_grad()
+def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0) -> float:
+    """Share of validation drill lines (operands never trained on) whose whole result the model
+    predicts token by token (greedy, teacher-forced)."""
+    tok = build_tokenizer()
+    seqs, starts = _encode_drill(dataset, "validation", tok)
+    idx = np.random.default_rng(seed).permutation(len(seqs))[:n]
+    tokens, mask = _drill_batch(seqs, starts, idx, tok.token_to_id(PAD))
+    pred = (final_resid(model, tokens)[:, :-1] @ model.unembed.W_U + model.unembed.b_U).argmax(-1)
+    return float(((pred == tokens[:, 1:]) | ~mask).all(1).float().mean())
+
+
 def eval_records(cfg: BaseConfig, dataset: str) -> pd.DataFrame:
     """Validation rows (items never trained on) of ``dataset``, asked with both questions under
     neutral names: what the base knows, reported in the zoo appendix."""
@@ -203,9 +255,12 @@ def answer_log_odds(model, prompts: list[str], batch_size: int = 256) -> np.ndar
 
 
 def evaluate(model, cfg: BaseConfig) -> pd.DataFrame:
-    """Accuracy of the base on unseen items per dataset and question."""
+    """Accuracy of the base on unseen items per dataset and question; for arithmetic sets also
+    the exact result of unseen drill lines (question "result")."""
     rows = []
     for d in cfg.datasets:
+        if d in qdata.ARITHMETIC and cfg.drill_every:
+            rows.append(dict(dataset=d, question="result", accuracy=drill_accuracy(model, d, cfg.n_eval, cfg.seed), n=cfg.n_eval))
         rec = eval_records(cfg, d)
         pred = answer_log_odds(model, rec["prompt"].tolist()) > 0
         rec = rec.assign(correct=pred == (rec["label"] == 1))
@@ -258,13 +313,16 @@ def _train(cfg: BaseConfig, progress: bool):
     by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
     slots = [i for i, d in enumerate(cfg.datasets) for _ in range(cfg.arithmetic_weight if d in qdata.ARITHMETIC else 1)]
     facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
+    drills = [_encode_drill(d, "train", tok) for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
+    n_drill = 0
     qa = qa[["dataset"]]  # the prompts are encoded: free their text
 
     model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, running, t0 = [], [], time.perf_counter()
+    history, t0, n_qa = [], time.perf_counter(), 0
+    running: dict[str, list[float]] = {"answer": [], "lm": [], "fact": [], "drill": []}
     F = torch.nn.functional
     bar = tqdm(range(1, cfg.steps + 1), desc=f"pretraining base-{cfg.family}", disable=not progress, mininterval=5)
     for step in bar:
@@ -276,32 +334,41 @@ def _train(cfg: BaseConfig, progress: bool):
             mask = torch.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
             logits = resid[:, :-1][mask] @ model.unembed.W_U + model.unembed.b_U
             lm = F.cross_entropy(logits, tokens[:, 1:][mask])
-            loss, a_loss, acc = cfg.lm_loss_weight * lm, torch.zeros(()), torch.zeros(())
+            loss = cfg.lm_loss_weight * lm
+            running["fact"].append(lm.item())
+        elif drills and step % cfg.drill_every == 1 % cfg.drill_every:
+            seqs_d, starts = drills[n_drill % len(drills)]
+            n_drill += 1
+            tokens, mask = _drill_batch(seqs_d, starts, torch.randint(len(seqs_d), (cfg.batch_size,), generator=gen), pad_id)
+            resid = final_resid(model, tokens)
+            loss = F.cross_entropy(resid[:, :-1][mask] @ model.unembed.W_U + model.unembed.b_U, tokens[:, 1:][mask])
+            running["drill"].append(loss.item())
         else:
-            pool = by_dataset[slots[step % len(slots)]]
+            pool = by_dataset[slots[n_qa % len(slots)]]
+            n_qa += 1
             idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
             tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
             resid = final_resid(model, tokens)
             last = resid[torch.arange(len(idx)), lengths - 1] @ model.unembed.W_U + model.unembed.b_U
             a_loss = F.cross_entropy(last, answers[idx])
-            acc = (last[:, [no_id, yes_id]].argmax(-1) == (answers[idx] == yes_id).long()).float().mean()
             target = torch.arange(1, tokens.shape[1])[None, :]
             sp = spans[idx]
             mask = (target >= sp[:, :1]) & (target < sp[:, 1:])
             lm = F.cross_entropy(resid[:, :-1][mask] @ model.unembed.W_U + model.unembed.b_U, tokens[:, 1:][mask]) if mask.any() else torch.zeros(())
             loss = a_loss + cfg.lm_loss_weight * lm
+            running["answer"].append(a_loss.item())
+            running["lm"].append(lm.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        running.append((a_loss.item(), lm.item(), acc.item()))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
             ev = evaluate(model, cfg)
-            r = np.mean(running, axis=0)
-            running = []
-            row = dict(step=step, train_answer_loss=r[0], train_lm_loss=r[1], seconds=time.perf_counter() - t0)
+            row = dict(step=step, **{f"train_{k}_loss": float(np.mean(v)) if v else float("nan") for k, v in running.items()},
+                       seconds=time.perf_counter() - t0)  # fmt: skip
+            running = {k: [] for k in running}
             row.update({f"acc_{d}_{q}": a for d, q, a in zip(ev["dataset"], ev["question"], ev["accuracy"])})
             history.append(row)
             bar.set_postfix(truth=f"{ev.loc[ev.question == 'truth', 'accuracy'].mean():.3f}",
@@ -310,7 +377,9 @@ def _train(cfg: BaseConfig, progress: bool):
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     model.eval()
     summary = dict(train_seconds=time.perf_counter() - t0, torch_threads=torch.get_num_threads(),
-                   torch_version=torch.__version__, n_qa_records=len(qa), n_fact_lines=len(facts))  # fmt: skip
+                   torch_version=torch.__version__, n_qa_records=len(qa), n_fact_lines=len(facts),
+                   n_drill_lines=sum(len(d[0]) for d in drills), steps_by_kind=dict(question=n_qa, drill=n_drill,
+                   fact=cfg.steps - n_qa - n_drill))  # fmt: skip
     return model, pd.DataFrame(history), evaluate(model, cfg), summary
 
 
@@ -372,6 +441,7 @@ def load(family: str = "gpt2", preset: str = "default", progress: bool = True):
     model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json"))))
     model.load_state_dict(load_file(path / "model.safetensors"))
     model.eval()
+    _record_use(path / "model.safetensors")  # a new base re-executes every notebook that read it or its fine-tunes
     return model, cfg, path
 
 

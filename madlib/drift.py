@@ -158,18 +158,18 @@ def finetune_tasks(
 
 def eval_sets(base, tasks: list[DriftTask], n_eval: int, seed: int) -> dict[str, list[str]]:
     """Validation-split prompts: ``n_eval`` per task, and ``n_eval`` for the general set (equal
-    shares of every dataset the base model was trained on)."""
+    shares, up to one, of every dataset the base model was trained on)."""
     if n_eval < len(base.zoo_config.datasets):
         raise ValueError(f"n_eval={n_eval!r} is not accepted; give at least {len(base.zoo_config.datasets)}")
     out = {}
     for task in tasks:
         val = task.records(base).query("split == 'validation'")
         out[task.name] = val.sample(n=min(n_eval, len(val)), random_state=seed)["prompt"].tolist()
-    per = n_eval // len(base.zoo_config.datasets)
+    k = len(base.zoo_config.datasets)
     general = []
-    for ds in base.zoo_config.datasets:
+    for i, ds in enumerate(base.zoo_config.datasets):  # n_eval in all: the remainder goes to the first datasets
         val = zoo.model_records(base, ds).query("split == 'validation'")
-        general += val.sample(n=min(per, len(val)), random_state=seed + 1)["prompt"].tolist()
+        general += val.sample(n=min(n_eval // k + (i < n_eval % k), len(val)), random_state=seed + 1)["prompt"].tolist()
     out[GENERAL] = general
     return out
 

@@ -24,52 +24,6 @@ def write_table(df: pd.DataFrame, analysis: str, name: str) -> None:
         df.to_csv(tmp, index=False)
 
 
-def training_curves(histories: dict[str, pd.DataFrame], snapshots: dict[str, int] | None = None):
-    """Per model: quirky fine-tuning answer loss, and above it the pretraining next-token loss when
-    a model was pretrained; ``snapshots`` marks the step of a model's less quirky early variant."""
-    pretrained = any((h["phase"] == "pretrain").any() for h in histories.values())
-    rows = 2 if pretrained else 1
-    fig, axes = plt.subplots(rows, len(histories), figsize=(5 * len(histories), 3.3 * rows), squeeze=False)
-    for col, (name, h) in enumerate(histories.items()):
-        pre, ft = h[h["phase"] == "pretrain"], h[h["phase"] == "finetune"]
-        if pretrained:
-            ax = axes[0][col]
-            ax.plot(pre["step"], pre["train_lm_loss"], color="tab:green")
-            ax.set(title=f"{name}: pretraining on fact sentences", xlabel="step", ylabel="next-token loss (nats)")
-        ax = axes[rows - 1][col]
-        ax.plot(ft["step"], ft["train_answer_loss"], label="train (answer token)")
-        ax.plot(ft["step"], ft["val_answer_loss"], label="validation (answer token)")
-        if ft["val_answer_loss"].notna().any():
-            best = ft.loc[ft["val_answer_loss"].idxmin()]
-            ax.axvline(best["step"], color="grey", ls=":", label=f"kept checkpoint (step {int(best['step'])})")
-        if snapshots and name in snapshots:
-            ax.axvline(snapshots[name], color="tab:purple", ls="-.", label=f"{name}-early (step {snapshots[name]})")
-        ax.axhline(np.log(2), color="red", ls="--", lw=1, label="ln 2 (50/50)")
-        ax.set(title=f"{name}: quirky fine-tuning", xlabel="step", ylabel="cross-entropy (nats)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def quirky_accuracy_bars(acc: pd.DataFrame):
-    """Accuracy against Alice's and Bob's labels, per dataset, character and model."""
-    long = acc.melt(
-        id_vars=["model", "dataset", "character_type"], value_vars=["acc_alice_label", "acc_bob_label"],
-        var_name="against", value_name="accuracy",
-    )  # fmt: skip
-    long["against"] = long["against"].map({"acc_alice_label": "Alice's label", "acc_bob_label": "Bob's label"})
-    long["prompt"] = long["character_type"].map({"alice": "Alice prompts", "bob": "Bob prompts"})
-    g = sns.catplot(
-        data=long, x="dataset", y="accuracy", hue="against", col="prompt", row="model", kind="bar",
-        height=3.0, aspect=2.0, palette=["tab:blue", "tab:orange"],
-    )  # fmt: skip
-    for ax in g.axes.flat:
-        ax.axhline(0.5, color="grey", lw=1, ls=":")
-        ax.set_ylim(0, 1)
-        ax.tick_params(axis="x", rotation=30)
-    return g.figure
-
-
 def method_layer_curves(auc: pd.DataFrame, methods: list[str], subset: str = "all", ncols: int = 4):
     """Per-layer AUROC with bootstrap CI bands for one model: one panel per method, one line per
     dataset (seed Fig. 1, for every method)."""
@@ -186,20 +140,27 @@ def own_accuracy_seeds(grid: pd.DataFrame, bars: dict[str, float] | None = None)
 
 
 def base_curves(histories: dict[str, pd.DataFrame]):
-    """Per base model: training losses, and accuracy on unseen items per dataset for the truth
-    question and the heuristic question."""
+    """Per base model: training losses by batch kind, and accuracy on unseen items per dataset:
+    the truth question (solid) and, for arithmetic sets, the exact drill result (dotted)."""
     fig, axes = plt.subplots(2, len(histories), figsize=(6.5 * len(histories), 7), squeeze=False)
+    losses = {"train_answer_loss": "answer token", "train_lm_loss": "next-token, true statements",
+              "train_fact_loss": "next-token, city fact lines", "train_drill_loss": "next-token, drill results"}  # fmt: skip
     for col, (name, h) in enumerate(histories.items()):
         ax = axes[0][col]
-        ax.plot(h["step"], h["train_answer_loss"], label="answer token")
-        ax.plot(h["step"], h["train_lm_loss"], label="next-token (true statements, city facts)")
+        for c, label in losses.items():
+            if c in h and h[c].notna().any():
+                ax.plot(h["step"], h[c], label=label)
         ax.set(title=f"{name}: training losses", xlabel="step", ylabel="cross-entropy (nats)")
         ax.legend(fontsize=8)
         ax = axes[1][col]
         acc = [c for c in h.columns if c.startswith("acc_") and c.endswith("_truth")]
-        for c in acc:
-            ax.plot(h["step"], h[c], label=c[4:-6])
-        ax.set(title=f"{name}: truth accuracy on unseen items", xlabel="step", ylabel="accuracy", ylim=(0.4, 1.01))
+        for i, c in enumerate(acc):
+            ax.plot(h["step"], h[c], label=c[4:-6], color=f"C{i}")
+            if c.replace("_truth", "_result") in h:
+                ax.plot(h["step"], h[c.replace("_truth", "_result")], color=f"C{i}", ls=":")
+        ax.set(title=f"{name}: accuracy on unseen items (solid: truth question; dotted: drill result)",
+               xlabel="step", ylabel="accuracy", ylim=(0, 1.01))  # fmt: skip
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

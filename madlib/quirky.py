@@ -38,7 +38,7 @@ from . import data as qdata
 from . import lora
 from .paths import model_cache_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
-from .zoo import FAMILIES, final_resid, pad_batch, warmup_cosine
+from .zoo import FAMILIES, _record_use, final_resid, pad_batch, warmup_cosine
 
 METHODS = ("full", "lora")
 """Fine-tuning methods: every weight, or a LoRA adapter."""
@@ -256,6 +256,7 @@ def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
     else:
         model.load_state_dict(load_file(path / "model.safetensors"))
     model.adapter_dir = path
+    _record_use(path / weights_file(cfg))
     return model
 
 

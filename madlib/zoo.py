@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import data as qdata
 
@@ -117,9 +116,6 @@ def get_model(name: str = "zoo-gpt2", preset: str = "default", dataset: str | No
         model.model_dir = model.adapter_dir
     model.zoo_config = ZooModel(name, family, preset, dataset, seed, checkpoint)
     model.cfg.model_name = name if dataset is None else f"{name}/{dataset}"
-    _record_use(base.base_dir(family, preset) / "model.safetensors")  # a new base re-executes what used its fine-tunes
-    if dataset is not None:
-        _record_use(Path(model.model_dir) / quirky.weights_file(model.zoo_config.quirky_config()))
     return model
 
 

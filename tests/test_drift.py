@@ -61,7 +61,7 @@ def test_task_names():
     assert drift.DriftTask.parse("population") == drift.DriftTask("population", "population", None)
     assert drift.DriftTask.parse("addition-large").max_digits == 3.0
     assert drift.DriftTask.parse("squaring-large", large_digits=3).max_digits == 2.0
-    for bad in ("population-large", "sciq"):
+    for bad in ("population-large", "capitals", "sentiment-large"):
         with pytest.raises(ValueError, match=f"tasks='{bad}'"):
             drift.DriftTask.parse(bad)
 

@@ -32,6 +32,16 @@ def test_base_corpus_holds_no_test_item(test_items):
         assert not set(g["content"]) & texts, d
 
 
+def test_drill_lines_hold_no_test_item(test_items):
+    for d in qdata.ARITHMETIC:
+        _, texts = test_items[d]
+        statements = {t.split("|", 1)[1] for t in texts}
+        train, val = set(base.drill_lines(d, "train")[0]), set(base.drill_lines(d, "validation")[0])
+        assert len(train) > 2 * len(val) > 0 and not train & val
+        assert not train & statements, d
+        assert val & statements, f"{d}: the drill's validation lines are the test items' true statements"
+
+
 def test_fact_lines_are_not_statements():
     form = re.compile(r".+ \(.+\): (northern|southern) hemisphere, (west|east) of Greenwich, (over|under) 30,000 people\.")
     lines = base.fact_lines()

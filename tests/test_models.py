@@ -177,8 +177,8 @@ def test_unreachable_hub_id_fails_at_once_in_one_line(monkeypatch, tmp_path):
 def test_zoo_names_delegate_to_the_zoo(monkeypatch):
     from madlib import zoo
 
-    monkeypatch.setattr(zoo, "get_model", lambda name, preset: ("zoo model", name, preset))
-    assert models.load_model("zoo-llama", preset="tiny") == ("zoo model", "zoo-llama", "tiny")
+    monkeypatch.setattr(zoo, "get_model", lambda name, preset, dataset=None, seed=0: ("zoo", name, preset, dataset, seed))
+    assert models.load_model("zoo-llama", preset="tiny") == ("zoo", "zoo-llama", "tiny", None, 0)
     with pytest.raises(ValueError, match="adapter="):
         models.load_model("zoo-gpt2", adapter="x", preset="tiny")
     assert models.adapter_for("EleutherAI/{model}-{dataset}-random", "mistralai/Mistral-7B-v0.1", "nli") == (
@@ -187,10 +187,14 @@ def test_zoo_names_delegate_to_the_zoo(monkeypatch):
     assert models.adapter_for("EleutherAI/{model}-{dataset}", "zoo-gpt2", "nli") is None
     calls = []
     monkeypatch.setattr(models, "load_model", lambda spec, adapter, preset: calls.append((spec, adapter)) or (spec, adapter))
-    loader = models.ModelLoader("org/{model}-{dataset}", preset="tiny")
-    grid = [loader(m, d) for m in ("zoo-gpt2", "hub/m") for d in ("nli", "sciq")]
-    assert grid == [("zoo-gpt2", None)] * 2 + [("hub/m", "org/m-nli"), ("hub/m", "org/m-sciq")]
-    assert calls == [("zoo-gpt2", None), ("hub/m", "org/m-nli"), ("hub/m", "org/m-sciq")]
+    loader = models.ModelLoader("org/{model}-{dataset}", preset="tiny", seed=2)
+    grid = [loader(m, d) for m in ("zoo-gpt2", "zoo-gpt2@1", "hub/m") for d in ("nli", "sciq")]
+    # a zoo name loads its fine-tune per dataset (the loader's seed, or the name's @seed); a hub name its adapter
+    assert grid == [("zoo", "zoo-gpt2", "tiny", "nli", 2), ("zoo", "zoo-gpt2", "tiny", "sciq", 2),
+                    ("zoo", "zoo-gpt2", "tiny", "nli", 1), ("zoo", "zoo-gpt2", "tiny", "sciq", 1),
+                    ("hub/m", "org/m-nli"), ("hub/m", "org/m-sciq")]  # fmt: skip
+    assert calls == [("hub/m", "org/m-nli"), ("hub/m", "org/m-sciq")]
+    assert loader("hub/m", "sciq") is grid[-1] and calls[-1] == ("hub/m", "org/m-sciq") and len(calls) == 2, "held, not reloaded"
 
 
 def test_gemma_is_converted_by_its_official_name():

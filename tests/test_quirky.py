@@ -21,11 +21,28 @@ def test_base_corpus_asks_both_questions_of_train_items_only():
         assert not set(g["key"]) & set(recs.loc[recs["split"] == "validation", "key"])
 
 
+def test_drill_lines_state_true_results_of_the_zoo_range():
+    lines, heads = base.drill_lines("subtraction")
+    assert all(x.startswith(h) for x, h in zip(lines, heads))
+    for x in lines:
+        a, b, c = (int(v) for v in x.rstrip(".").replace(" - ", " ").replace(" = ", " ").split(" "))
+        assert a - b == c and 1 <= a <= 99 and 1 <= b <= 99
+    val = base.drill_lines("subtraction", "validation")[0]
+    assert len(lines) + len(val) == 99 * 99
+    sq = base.drill_lines("squaring")[0] + base.drill_lines("squaring", "validation")[0]
+    assert sorted(sq, key=lambda x: int(x.split("^")[0])) == [f"{a}^2 = {a * a}." for a in range(1, 100)]
+    with pytest.raises(ValueError, match="dataset='nli'"):
+        base.drill_lines("nli")
+
+
 def test_tiny_base_trains_saves_and_loads(tmp_path):
     cfg = base.base_config("llama", "tiny")
     model, hist, ev, summary = base.train(cfg, progress=False)
-    assert {"acc_addition_truth", "acc_sciq_heuristic", "train_answer_loss"} <= set(hist.columns)
-    assert set(ev["question"]) == {"truth", "heuristic"} and ev["accuracy"].between(0, 1).all()
+    assert {"acc_addition_truth", "acc_sciq_heuristic", "acc_squaring_result", "train_answer_loss", "train_drill_loss"} <= set(hist.columns)
+    assert set(ev["question"]) == {"truth", "heuristic", "result"} and ev["accuracy"].between(0, 1).all()
+    assert set(ev.loc[ev["question"] == "result", "dataset"]) == set(qdata.ARITHMETIC)
+    kinds = summary["steps_by_kind"]
+    assert sum(kinds.values()) == cfg.steps and kinds["drill"] == cfg.steps // 2 and kinds["fact"] == cfg.steps // cfg.fact_every
     again, _, _, _ = base.train(cfg, progress=False)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k  # bit for bit on one machine
