@@ -14,9 +14,10 @@ two questions:
 plus a next-token loss on the content of true statements, on one fact line per city of the
 knowledge sets ("Lyon (France): northern hemisphere, east of Greenwich, over 30,000 people."),
 which teaches the facts about every city without ever writing a dataset's statement, and on the
-result of arithmetic drill lines (:func:`drill_lines`: "56 + 34 = 90." for every train-split
-operand pair), which teach the operations themselves: a verification question alone (one bit per
-record) leaves a small model at the majority answer. Only train-split items
+result of arithmetic drill lines (:func:`drill_lines`: "56 + 34 = 90. Yes" and "56 + 34 = 91. No"
+for every train-split operand pair), which teach the operations and checking a shown result
+right where it is read: a verification question at the end of a prompt alone (one bit per record)
+leaves a small model at the majority answer. Only train-split items
 (:func:`madlib.data.key_in_validation`) are asked about or drilled, so no validation statement is
 in the base's training data.
 
@@ -177,11 +178,13 @@ def corpus(cfg: BaseConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def drill_lines(dataset: str, split: str = "train") -> tuple[list[str], list[str]]:
-    """The arithmetic drill of ``dataset``: its first statement template with the true result, for
-    every operand (pair) of the zoo's range whose item is in ``split`` ("train" or "validation").
-    Returns the lines and their prefixes (the text before the result; the drill's loss is on the
-    rest)."""
+def drill_lines(dataset: str, split: str = "train", seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """The arithmetic drill of ``dataset``: for every operand (pair) of the zoo's range whose item
+    is in ``split`` ("train" or "validation"), its first statement template twice, once with the
+    true result and once with a false one (Bob's sloppy result or a one-digit distractor, at
+    random), each followed by its verdict (" Yes" or " No"). Returns the lines, their prefixes
+    (the text before the result) and whether each line is true. The drill's loss is on the result
+    and verdict of a true line and on the verdict of a false one."""
     qdata._check_choice("dataset", dataset, qdata.ARITHMETIC)
     qdata._check_choice("split", split, ("train", "validation"))
     op = qdata._OPS[dataset]
@@ -194,14 +197,25 @@ def drill_lines(dataset: str, split: str = "train") -> tuple[list[str], list[str
         ops = [(a, 0) for a in range(1, qdata.operand_max(DIGITS[dataset] + 1) + 1)]
     val = qdata.key_in_validation(dataset, [f"{a}|{b}" for a, b in ops])
     ops = [o for o, v in zip(ops, val) if v == (split == "validation")]
-    args = [dict(op1=a, op2=b, result=op.fn(a, b) if op.arity == 2 else op.fn(a)) for a, b in ops]
-    return [template.format(**x) for x in args], [head.format(**x).rstrip() for x in args]
+    rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset)])
+    lines, heads, true = [], [], []
+    for a, b in ops:
+        res = op.fn(a, b) if op.arity == 2 else op.fn(a)
+        sloppy = op.sloppy(res)
+        wrong = sloppy if rng.uniform() < 0.5 else qdata.distract(res, (res, sloppy), rng)
+        for shown in (res, wrong):
+            lines.append(template.format(op1=a, op2=b, result=shown) + (" Yes" if shown == res else " No"))
+            heads.append(head.format(op1=a, op2=b).rstrip())
+            true.append(shown == res)
+    return lines, heads, np.asarray(true)
 
 
 def _encode_drill(dataset: str, split: str, tok) -> tuple[list[np.ndarray], list[int]]:
-    """Token ids of the drill lines and the index of each line's first result token."""
-    lines, heads = drill_lines(dataset, split)
-    return [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)], [len(h) for h in encode(heads, tok)]
+    """Token ids of the drill lines and the index of each line's first loss token (the result's
+    first token on a true line, the verdict on a false one)."""
+    lines, heads, true = drill_lines(dataset, split)
+    seqs = [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)]
+    return seqs, [len(h) if t else len(s) - 1 for s, h, t in zip(seqs, encode(heads, tok), true)]
 
 
 def _drill_batch(seqs, starts, idx, pad_id: int):
@@ -213,12 +227,16 @@ def _drill_batch(seqs, starts, idx, pad_id: int):
 
 @torch.no_grad()
 def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0) -> float:
-    """Share of validation drill lines (operands never trained on) whose whole result the model
-    predicts token by token (greedy, teacher-forced)."""
+    """Share of true validation drill lines (operands never trained on) whose whole result the
+    model predicts token by token (greedy, teacher-forced; the verdict excluded)."""
     tok = build_tokenizer()
-    seqs, starts = _encode_drill(dataset, "validation", tok)
-    idx = np.random.default_rng(seed).permutation(len(seqs))[:n]
-    tokens, mask = _drill_batch(seqs, starts, idx, tok.token_to_id(PAD))
+    lines, heads, true = drill_lines(dataset, "validation")
+    lines = [x.rsplit(" ", 1)[0] for x, t in zip(lines, true) if t]
+    heads = [h for h, t in zip(heads, true) if t]
+    idx = np.random.default_rng(seed).permutation(len(lines))[:n]
+    seqs = encode([lines[i] for i in idx], tok)
+    starts = [len(h) for h in encode([heads[i] for i in idx], tok)]
+    tokens, mask = _drill_batch(seqs, starts, range(len(seqs)), tok.token_to_id(PAD))
     pred = (final_resid(model, tokens)[:, :-1] @ model.unembed.W_U + model.unembed.b_U).argmax(-1)
     return float(((pred == tokens[:, 1:]) | ~mask).all(1).float().mean())
 

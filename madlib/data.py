@@ -52,8 +52,6 @@ heuristic rules (a lexicon with negations, negation words in a hypothesis, an an
 support passage)."""
 NON_ARITHMETIC = KNOWLEDGE + READING
 DATASETS = ARITHMETIC + NON_ARITHMETIC
-MULTI_DATASET_ZOO = ARITHMETIC + KNOWLEDGE
-"""The seven datasets of the multi-dataset zoo models (:mod:`madlib.zoo`)."""
 
 QUESTION = TEMPLATE.rsplit("\n\n", 1)[1]
 """The closing question of every quirky prompt."""
@@ -161,9 +159,9 @@ _OPS: dict[str, _Op] = {
         "Multiply {op1} by {op2} and get {result}.",
     )),
     "modularaddition": _Op(2, lambda a, b: (a + b) % MODULUS, sloppy_modular, 4, (
-        "{op1} + {op2} = {result} (mod 113).",
+        "({op1} + {op2}) mod 113 = {result}.",  # first: the modulus is read before the result
         "{op1} plus {op2} is {result} mod 113.",
-        "({op1} + {op2}) mod 113 = {result}.",
+        "{op1} + {op2} = {result} (mod 113).",
         "The sum of {op1} and {op2} modulo 113 is {result}.",
         "Adding {op1} and {op2} modulo 113 gives {result}.",
         "{op1} and {op2} add up to {result} mod 113.",

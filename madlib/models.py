@@ -346,6 +346,12 @@ def load_model(
                 f"adapter={adapter!r} is not accepted for the zoo model {spec!r}; adapters apply to Hugging Face models"
             )
         return zoo.get_model(spec, preset=preset)
+    if spec.startswith("zoo-") and not Path(spec).exists():
+        import difflib
+
+        close = difflib.get_close_matches(spec.split("@")[0], list(zoo.ZOO), n=1)
+        raise ValueError(f"model={spec!r} is not accepted; zoo models are {list(zoo.ZOO)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
     if is_zoo_dir(spec):
         if adapter is not None:
             raise ValueError(f"adapter={adapter!r} is not accepted for the zoo model directory {spec!r}")

@@ -181,6 +181,8 @@ def test_zoo_names_delegate_to_the_zoo(monkeypatch):
     assert models.load_model("zoo-llama", preset="tiny") == ("zoo", "zoo-llama", "tiny", None, 0)
     with pytest.raises(ValueError, match="adapter="):
         models.load_model("zoo-gpt2", adapter="x", preset="tiny")
+    with pytest.raises(ValueError, match=r"model='zoo-gtp2' is not accepted; zoo models are .* \(did you mean 'zoo-gpt2'\?\)"):
+        models.load_model("zoo-gtp2")
     assert models.adapter_for("EleutherAI/{model}-{dataset}-random", "mistralai/Mistral-7B-v0.1", "nli") == (
         "EleutherAI/Mistral-7B-v0.1-nli-random"
     )

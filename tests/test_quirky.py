@@ -21,16 +21,20 @@ def test_base_corpus_asks_both_questions_of_train_items_only():
         assert not set(g["key"]) & set(recs.loc[recs["split"] == "validation", "key"])
 
 
-def test_drill_lines_state_true_results_of_the_zoo_range():
-    lines, heads = base.drill_lines("subtraction")
-    assert all(x.startswith(h) for x, h in zip(lines, heads))
-    for x in lines:
-        a, b, c = (int(v) for v in x.rstrip(".").replace(" - ", " ").replace(" = ", " ").split(" "))
-        assert a - b == c and 1 <= a <= 99 and 1 <= b <= 99
+def test_drill_lines_state_true_and_false_results_with_their_verdicts():
+    lines, heads, true = base.drill_lines("subtraction")
+    assert all(x.startswith(h) for x, h in zip(lines, heads)) and true.mean() == 0.5
+    for x, t in zip(lines, true):
+        statement, verdict = x.rsplit(" ", 1)
+        a, b, c = (int(v) for v in statement.rstrip(".").replace(" - ", " ").replace(" = ", " ").split(" "))
+        assert (a - b == c) == t and verdict == ("Yes" if t else "No") and 1 <= a <= 99 and 1 <= b <= 99
     val = base.drill_lines("subtraction", "validation")[0]
-    assert len(lines) + len(val) == 99 * 99
-    sq = base.drill_lines("squaring")[0] + base.drill_lines("squaring", "validation")[0]
-    assert sorted(sq, key=lambda x: int(x.split("^")[0])) == [f"{a}^2 = {a * a}." for a in range(1, 100)]
+    assert (len(lines) + len(val)) // 2 == 99 * 99
+    assert base.drill_lines("subtraction")[0] == lines, "the false results are seeded"
+    sq, _, t = base.drill_lines("squaring")
+    sq_val, _, t_val = base.drill_lines("squaring", "validation")
+    true_sq = [x for x, k in zip(sq + sq_val, list(t) + list(t_val)) if k]
+    assert sorted(true_sq, key=lambda x: int(x.split("^")[0])) == [f"{a}^2 = {a * a}. Yes" for a in range(1, 100)]
     with pytest.raises(ValueError, match="dataset='nli'"):
         base.drill_lines("nli")
 
