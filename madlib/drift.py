@@ -156,22 +156,37 @@ def finetune_tasks(
     return out
 
 
-def eval_sets(base, tasks: list[DriftTask], n_eval: int, seed: int) -> dict[str, list[str]]:
-    """Validation-split prompts: ``n_eval`` per task, and ``n_eval`` for the general set (equal
-    shares, up to one, of every dataset the base model was trained on)."""
-    if n_eval < len(base.zoo_config.datasets):
-        raise ValueError(f"n_eval={n_eval!r} is not accepted; give at least {len(base.zoo_config.datasets)}")
-    out = {}
+def eval_sets(base, tasks: list[DriftTask], n_eval: int, seed: int) -> dict[str, list[str] | dict[str, list[str]]]:
+    """Validation-split prompts: ``n_eval`` per task, and the general set as equal shares of every
+    dataset the base model was trained on, keyed by dataset (``{GENERAL: {dataset: prompts}}``):
+    each fine-tune's general set leaves its own task's dataset out (:func:`general_texts`) and
+    still holds at least ``n_eval`` prompts."""
+    datasets = base.zoo_config.datasets
+    if len(datasets) < 2 or n_eval < len(datasets) - 1:
+        raise ValueError(f"n_eval={n_eval!r} is not accepted; give at least {len(datasets) - 1} (one prompt per other dataset)")
+    out: dict = {}
     for task in tasks:
         val = task.records(base).query("split == 'validation'")
         out[task.name] = val.sample(n=min(n_eval, len(val)), random_state=seed)["prompt"].tolist()
-    k = len(base.zoo_config.datasets)
-    general = []
-    for i, ds in enumerate(base.zoo_config.datasets):  # n_eval in all: the remainder goes to the first datasets
+    per = -(-n_eval // (len(datasets) - 1))
+    general = {}
+    for ds in datasets:
         val = zoo.model_records(base, ds).query("split == 'validation'")
-        general += val.sample(n=min(n_eval // k + (i < n_eval % k), len(val)), random_state=seed + 1)["prompt"].tolist()
+        general[ds] = val.sample(n=min(per, len(val)), random_state=seed + 1)["prompt"].tolist()
     out[GENERAL] = general
     return out
+
+
+def general_texts(general: list[str] | dict[str, list[str]], task: str) -> list[str]:
+    """The general set of the fine-tune on ``task``: a list as given, or the parts of a
+    per-dataset general set (:func:`eval_sets`) except the task's own dataset."""
+    if not isinstance(general, dict):
+        return list(general)
+    try:
+        own = DriftTask.parse(task).dataset
+    except ValueError:
+        own = task
+    return [t for ds, texts in general.items() if ds != own for t in texts]
 
 
 def read_prompts(spec, param: str = "task_prompts") -> list[str]:
@@ -278,30 +293,35 @@ def drift_table(
 
     ``finetuned`` maps each model's task name to the model, or to a loader called when its turn
     comes (:func:`finetune_loaders`: one large model in memory at a time), named
-    ``<base_name>-<task>`` in the table; ``sets`` must hold :data:`GENERAL`. Texts are cut to
-    ``max_tokens`` tokens if given.
+    ``<base_name>-<task>`` in the table; ``sets`` must hold :data:`GENERAL`, a list of prompts or
+    prompts per dataset, of which each fine-tune's general set leaves out its task's dataset
+    (:func:`general_texts`). Texts are cut to ``max_tokens`` tokens if given.
     """
     if GENERAL not in sets:
         raise ValueError(f"sets={sorted(sets)} is not accepted; include the general set {GENERAL!r}")
     ks = sorted({int(k) for k in ks})
     topk_latents(torch.zeros(1, sae.cfg.d_sae), max(ks))  # checks the k range
     rows = []
-    base_cache = {}
+    base_cache, recon_base = {}, {}
     dev = sae.W_enc.device
-    for set_name, texts in sets.items():
-        acts = collect_activations(base, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
-        base_cache[set_name] = (acts, latent_preacts(sae, acts.to(dev)).cpu(), sae.encode(acts.to(dev)).cpu())
-    recon_base = {}
-    if recon:
-        for set_name, texts in sets.items():
-            recon_base[set_name] = reconstruction_metrics(base, sae, texts, hook_name, batch_size, progress=False,
-                                                          max_tokens=max_tokens)  # fmt: skip
+
+    def base_side(set_name: str, texts: list[str]):
+        key = (set_name, hash(tuple(texts)))
+        if key not in base_cache:  # the general set differs between fine-tunes by the task it leaves out
+            acts = collect_activations(base, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
+            base_cache[key] = (acts, latent_preacts(sae, acts.to(dev)).cpu(), sae.encode(acts.to(dev)).cpu())
+            if recon:
+                recon_base[key] = reconstruction_metrics(base, sae, texts, hook_name, batch_size, progress=False,
+                                                         max_tokens=max_tokens)  # fmt: skip
+        return base_cache[key], recon_base.get(key)
+
     bar = tqdm(finetuned.items(), desc="drift", disable=not progress)
     for task, model in bar:
         if not isinstance(model, torch.nn.Module):
             model = model()  # a loader: the fine-tune is loaded now and released after its rows
         for set_name, texts in sets.items():
-            acts_b, pre_b, z_b = base_cache[set_name]
+            texts = general_texts(texts, task) if set_name == GENERAL else texts
+            (acts_b, pre_b, z_b), recon_b = base_side(set_name, texts)
             acts_f = collect_activations(model, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
             pre_f, z_f = latent_preacts(sae, acts_f.to(dev)).cpu(), sae.encode(acts_f.to(dev)).cpu()
             dist = ((acts_f - acts_b).norm(dim=-1).sum() / acts_b.norm(dim=-1).sum()).item()
@@ -309,7 +329,7 @@ def drift_table(
             if recon:
                 rf = reconstruction_metrics(model, sae, texts, hook_name, batch_size, progress=False, max_tokens=max_tokens)
                 extra = {f"recon_{k}": v for k, v in rf.items()}
-                extra.update({f"recon_base_{k}": v for k, v in recon_base[set_name].items()})
+                extra.update({f"recon_base_{k}": v for k, v in recon_b.items()})
             for k, ov in overlap_by_k(pre_b, pre_f, ks).items():
                 ov = ov.double()
                 rows.append(dict(base=base_name, finetuned=f"{base_name}-{task}", task=task, eval_set=set_name,

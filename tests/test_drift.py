@@ -106,7 +106,12 @@ def test_drift_table_identity_and_perturbed_copy(tiny_model):
         w = noisy.blocks[0].mlp.W_out
         w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     sets = drift.eval_sets(tiny_model, [drift.DriftTask.parse("addition")], 14, 0)
-    assert len(sets[drift.GENERAL]) == 14 and len(sets["addition"]) == 14
+    general = sets[drift.GENERAL]
+    assert len(sets["addition"]) == 14 and set(general) == set(tiny_model.zoo_config.datasets)
+    assert all(len(v) == 2 for v in general.values()), "ceil(14 / 9) per dataset: 14 or more without any one dataset"
+    own = drift.general_texts(general, "addition-large")
+    assert len(own) == 18 and not set(own) & set(general["addition"]), "the task's dataset is left out of its general set"
+    assert len(drift.general_texts(general, "noisy")) == 20 and drift.general_texts(["a", "b"], "addition") == ["a", "b"]
     tab = drift.drift_table(tiny_model, "tiny", {"addition": tiny_model, "noisy": noisy}, sae, hook, sets, [1, 5, 19],
                             progress=False)  # fmt: skip
     same = tab[tab["task"] == "addition"]
@@ -116,6 +121,7 @@ def test_drift_table_identity_and_perturbed_copy(tiny_model):
     moved = tab[tab["task"] == "noisy"]
     assert (moved["intersection_mean"] < moved["k"]).all() and (moved["act_distance"] > 0).all()
     gen = moved[moved["eval_set"] == drift.GENERAL]
+    assert (gen["n_tokens"] > tab.loc[(tab["task"] == "addition") & (tab["eval_set"] == drift.GENERAL), "n_tokens"].max()).all()
     assert (gen[list(drift.RATES)].fillna(0) == 0).all().all(), "the general set's rates against itself are 0"
     assert {"base", "finetuned", "task", "eval_set", "k", "intersection_mean", "recon_kl_div_score"} <= set(tab.columns)
     with pytest.raises(ValueError, match="k=65"):
