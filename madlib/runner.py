@@ -70,6 +70,18 @@ def _file_digest(path: Path) -> str:
     return _sha(str(st.st_size).encode(), path.read_bytes())
 
 
+def _drop_stderr(path: Path) -> None:
+    """Remove the stderr streams (library warnings naming the build machine's paths, log lines)
+    from an executed notebook: the page and its download show results, not logs."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+    nbformat.write(nb, path)
+
+
 class Runner:
     def __init__(self, root: Path | None = None, parameters: dict[str, dict] | None = None, progress: bool = True):
         self.root = Path(root or project_root()).resolve()
@@ -110,8 +122,9 @@ class Runner:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=build_dir()))
         manifest = staging / "models.txt"
         manifest.touch()
-        env_backup = {k: os.environ.get(k) for k in ("MADLIB_MANIFEST", "MADLIB_RESULTS", "MADLIB_ROOT")}
-        os.environ.update(MADLIB_MANIFEST=str(manifest), MADLIB_RESULTS=str(staging / "results"), MADLIB_ROOT=str(self.root))
+        env_backup = {k: os.environ.get(k) for k in ("MADLIB_MANIFEST", "MADLIB_RESULTS", "MADLIB_ROOT", "TQDM_DISABLE")}
+        os.environ.update(MADLIB_MANIFEST=str(manifest), MADLIB_RESULTS=str(staging / "results"), MADLIB_ROOT=str(self.root),
+                          TQDM_DISABLE="1")  # progress bars are for the terminal, not the book's pages  # fmt: skip
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(
@@ -131,6 +144,7 @@ class Runner:
                 else:
                     os.environ[k] = v
         seconds = time.perf_counter() - t0
+        _drop_stderr(staging / f"{name}.ipynb")
         results = staging / "results"
         if results.is_dir():
             for analysis in results.iterdir():

@@ -81,6 +81,10 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     assert auc.loc[auc["subset"] == "all", "auroc"].between(0, 1).all()
     assert set(auc.loc[auc["method"] == "mahalanobis", "finetune_seed"]) == {0, 1}
     assert set(auc.loc[auc["method"] == "lof", "finetune_seed"]) == {0}  # the full comparison runs on the first seed
+    for name in NOTEBOOKS:  # pages and downloads show results, not logs
+        executed = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
+        streams = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "stream"]
+        assert not [o for o in streams if o["name"] == "stderr" or "it/s]" in o["text"]], name
     grid = pd.read_csv(root / "_build" / "results" / "zoo" / "finetune_accuracy.csv")
     assert set(grid["seed"]) == {0, 1} and set(grid["dataset"]) == {"addition", "hemisphere", "nli"}
 
