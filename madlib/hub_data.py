@@ -221,7 +221,8 @@ def quirky_hub_dataset(
             f"templates of {name!r} use fields {sorted(lacking)} that the raw data lacks (it has "
             f"{sorted(set(base.columns) - {'alice_label', 'bob_label', 'difficulty', 'raw_split'})}); pass templates=..."
         )
-    base["difficulty_quantile"] = qdata.difficulty_quantile(base["difficulty"].to_numpy())
+    tie_rng = np.random.default_rng([seed, HUB_DATASETS.index(name)])  # ties at random, not by raw split and row order
+    base["difficulty_quantile"] = qdata.difficulty_quantile(base["difficulty"].to_numpy(), tie_rng)
     sample_rng = np.random.default_rng([seed, HUB_DATASETS.index(name), SAMPLE_SEED_OFFSET])
     kept = []
     for split, cap in (("train", n_train), ("validation", n_validation)):

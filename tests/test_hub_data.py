@@ -82,9 +82,14 @@ def test_both_hub_layouts_give_the_zoo_columns_and_rules(records, saved_dir, raw
 
 def test_quantiles_names_and_splits_follow_the_zoo(records, raw):
     alice = raw[raw["character"] == "Alice"]
-    want = qdata.difficulty_quantile(alice["difficulty"].to_numpy())[: SPLITS["train"] + SPLITS["validation"]]
+    tie_rng = np.random.default_rng([5, hub_data.HUB_DATASETS.index("addition")])
+    want = qdata.difficulty_quantile(alice["difficulty"].to_numpy(), tie_rng)[: SPLITS["train"] + SPLITS["validation"]]
     got = records.drop_duplicates("row_id")["difficulty_quantile"].to_numpy()
-    assert np.allclose(got, want)  # over all raw splits (test included), before splitting
+    assert np.allclose(got, want)  # over all raw splits (test included), before splitting, ties at random
+    kept = records.drop_duplicates("row_id")
+    tied = kept[kept["difficulty"] == kept["difficulty"].mode()[0]]
+    assert tied["split"].nunique() == 2 and not tied.sort_values("difficulty_quantile")["split"].is_monotonic_decreasing, \
+        "tied rows are not ranked train first, validation after"
     assert (records["easy"] == (records["difficulty_quantile"] < 0.25)).all()
     assert (records["hard"] == (records["difficulty_quantile"] >= 0.75)).all()
     held_out = set(qdata.ALICE_NAMES[4:] + qdata.BOB_NAMES[4:])
