@@ -217,6 +217,18 @@ def _check_choice(param: str, value, accepted) -> None:
         raise ValueError(f"{param}={value!r} is not accepted; choose one of {list(accepted)}")
 
 
+def check_unique(param: str, values) -> None:
+    """A list parameter names each item once: a repeated model or dataset would count twice in a
+    correlation or a mean, and a repeated detector or layer would collide in the result tables."""
+    seen, repeated = set(), []
+    for v in values:
+        if v in seen and v not in repeated:
+            repeated.append(v)
+        seen.add(v)
+    if repeated:
+        raise ValueError(f"{param}={list(values)!r} is not accepted; {', '.join(map(repr, repeated))} appears more than once")
+
+
 def operand_max(digits: float) -> int:
     """Largest value of ``int(10 ** (U * digits))`` for U in [0, 1): 99 for 2, 31 for 1.5."""
     return math.ceil(10**digits) - 1

@@ -338,6 +338,7 @@ class QuirkConfig:
         for name in ("models", "datasets", "layers", "detectors"):
             if not isinstance(getattr(self, name), (list, tuple)):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a list")
+            qdata.check_unique(name, getattr(self, name))
         if len(self.models) == 0:
             raise ValueError("models=[] is not accepted; give at least one model name")
         if len(self.datasets) == 0:

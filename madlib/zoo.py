@@ -150,6 +150,8 @@ def build_zoo(names: list[str], datasets: list[str], seeds: list[int] = (0,), pr
 
     for n in names:
         _check(n, preset)
+    for param, values in (("datasets", datasets), ("seeds", seeds)):
+        qdata.check_unique(param, values)
     families = sorted({ZOO[n][0] for n in names})
     configs = [quirky.quirky_config(f, d, s, preset) for f in families for d in datasets for s in seeds]
     quirky.build(configs, workers=workers, progress=progress)

@@ -206,3 +206,9 @@ def test_difficulty_ties_are_broken_at_random():
     hard = a[a["hard"]]
     assert (hard["difficulty"] == 2.0).all()
     assert abs(hard["row_id"].mean() / len(a) - 0.5) < 0.05
+
+
+def test_repeated_list_items_are_refused():
+    q.check_unique("datasets", ["addition", "nli"])
+    with pytest.raises(ValueError, match=r"models=\['zoo-gpt2', 'zoo-gpt2'\] is not accepted; 'zoo-gpt2' appears more than once"):
+        q.check_unique("models", ["zoo-gpt2", "zoo-gpt2"])

@@ -250,6 +250,10 @@ def test_config_errors():
         qk.QuirkConfig(max_test=1)
     with pytest.raises(ValueError, match="at least 3"):
         qk.QuirkConfig(models=["zoo-gpt2"], datasets=["addition", "hemisphere"])
+    with pytest.raises(ValueError, match="appears more than once"):  # two copies of one model fake a correlation
+        qk.QuirkConfig(models=["zoo-gpt2", "zoo-gpt2"], datasets=["addition", "hemisphere"])
+    with pytest.raises(ValueError, match=r"datasets=\['nli', 'sciq', 'nli'\]"):
+        qk.QuirkConfig(models=["zoo-gpt2"], datasets=["nli", "sciq", "nli"])
     assert qk.QuirkConfig(detectors=["mahalanobis"], separation_detector="mahalanobis").run_detectors == ["mahalanobis"]
 
 
