@@ -3,7 +3,7 @@ bare forward pass, Mahalanobis against sklearn, peak memory of the full detector
 
     python benchmarks/mad_speed.py --model zoo-gpt2 --dataset hemisphere
 
-Writes ``_build/results/benchmarks/mad.csv`` and prints it.
+Writes ``results/benchmarks/mad.csv`` under the working directory (or ``$MADLIB_RESULTS``) and prints it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from madlib import benchmarks
+from madlib.paths import results_dir
 from madlib.plots import write_table
 
 
@@ -33,10 +34,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     table = benchmarks.run(args.model, args.preset, args.dataset, args.n_prompts, args.batch_size, args.maha_n, args.maha_d,
                            args.repeats)  # fmt: skip
-    path = write_table(table, "benchmarks", "mad")
+    write_table(table, "benchmarks", "mad")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.T.to_string(header=False))
-    print(f"written to {path}")
+    print(f"written to {results_dir('benchmarks') / 'mad.csv'}")
 
 
 if __name__ == "__main__":

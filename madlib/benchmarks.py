@@ -10,7 +10,7 @@
    model and dataset, in a fresh process (maximum resident set size).
 
 The command-line script ``benchmarks/mad_speed.py`` and the book's benchmark appendix call
-:func:`run`; both write ``_build/results/benchmarks/mad.csv``.
+:func:`run`; both write ``benchmarks/mad.csv`` in the results folder (:func:`madlib.paths.results_dir`).
 """
 
 from __future__ import annotations

@@ -29,9 +29,12 @@ def build_dir() -> Path:
 
 
 def results_dir(analysis: str) -> Path:
-    """``_build/results/<analysis>/``, created if missing (the runner redirects it to a staging
-    folder through ``$MADLIB_RESULTS`` while a notebook runs)."""
-    d = Path(os.environ.get("MADLIB_RESULTS", build_dir() / "results")) / analysis
+    """Where an analysis writes its figures and tables, created if missing: ``$MADLIB_RESULTS/<analysis>/``.
+    The book's runner points it at a staging folder and moves the results into
+    ``_build/results/`` only when the notebook succeeds; any other run (papermill by hand, an
+    interactive session, a benchmark script) writes to ``results/<analysis>/`` under the working
+    directory, or wherever ``$MADLIB_RESULTS`` names, and never into the book's results."""
+    d = Path(os.environ.get("MADLIB_RESULTS", Path.cwd() / "results")) / analysis
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -11,14 +11,14 @@ from .paths import atomic_path, results_dir
 
 
 def savefig(fig, analysis: str, name: str) -> None:
-    """Save ``fig`` as ``_build/results/<analysis>/<name>.png`` (atomically). Nothing is returned, so a
+    """Save ``fig`` as ``<results>/<analysis>/<name>.png`` (atomically). Nothing is returned, so a
     notebook cell ending in this call shows the figure, not a path of the build."""
     with atomic_path(results_dir(analysis) / f"{name}.png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
 
 
 def write_table(df: pd.DataFrame, analysis: str, name: str) -> None:
-    """Write a tidy table as ``_build/results/<analysis>/<name>.csv`` (atomically; nothing is returned,
+    """Write a tidy table as ``<results>/<analysis>/<name>.csv`` (atomically; nothing is returned,
     as for :func:`savefig`)."""
     with atomic_path(results_dir(analysis) / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)

@@ -110,7 +110,10 @@ class Runner:
         old = json.loads(stamp.read_text())
         if old.get("inputs") != self.inputs(name):
             return False
-        return all(_file_digest(Path(p)) == d for p, d in old.get("models", {}).items())
+        if not all(_file_digest(Path(p)) == d for p, d in old.get("models", {}).items()):
+            return False
+        # the published results are the ones this run wrote (not cut or replaced since)
+        return all(Path(p).is_file() and _file_digest(Path(p)) == d for p, d in old.get("results", {}).items())
 
     def execute(self, name: str) -> float:
         """Run one notebook; outputs move into place only on success. Returns seconds taken."""
@@ -146,15 +149,17 @@ class Runner:
         seconds = time.perf_counter() - t0
         _drop_stderr(staging / f"{name}.ipynb")
         results = staging / "results"
+        written = {}
         if results.is_dir():
             for analysis in results.iterdir():
                 dest = build_dir() / "results" / analysis.name
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(analysis), dest)
+                written.update({str(f): _file_digest(f) for f in sorted(dest.rglob("*")) if f.is_file()})
         models = {p: _file_digest(Path(p)) for p in sorted(set(manifest.read_text().split()))}
         os.replace(staging / f"{name}.ipynb", self.out / f"{name}.ipynb")
-        stamp = dict(inputs=inputs, models=models, seconds=seconds, executed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        stamp = dict(inputs=inputs, models=models, results=written, seconds=seconds, executed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         (self.stamps / f"{name}.json").write_text(json.dumps(stamp, indent=2))
         shutil.rmtree(staging, ignore_errors=True)
         return seconds

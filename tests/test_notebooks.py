@@ -121,3 +121,26 @@ def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch)
     assert not (root / "book" / "generated" / "bad.ipynb").exists()
     assert not (root / "_build" / "results" / "bad").exists()
     assert not list((root / "_build").glob(".bad-*"))
+
+
+def test_results_changed_outside_the_build_are_not_fresh_and_direct_runs_write_elsewhere(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
+    monkeypatch.delenv("MADLIB_RESULTS", raising=False)
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("from madlib import plots\nimport pandas as pd\n"
+                                          "plots.write_table(pd.DataFrame({'a': [1, 2, 3]}), 'ok', 't')")]  # fmt: skip
+    nbformat.write(nb, root / "notebooks" / "ok.ipynb")
+    runner = Runner(root=root, progress=False)
+    runner.execute("ok")
+    table = root / "_build" / "results" / "ok" / "t.csv"
+    assert runner.is_fresh("ok") and len(table.read_text().splitlines()) == 4
+    table.write_text("a\n1\n")  # a run outside the build cut the published table
+    assert not runner.is_fresh("ok"), "the build notices results that do not match their stamp"
+    # a direct run (no runner) writes under its working directory, never into the book's results
+    monkeypatch.chdir(tmp_path)
+    from madlib import plots
+
+    plots.write_table(pd.DataFrame({"a": [9]}), "ok", "t")
+    assert (tmp_path / "results" / "ok" / "t.csv").is_file() and table.read_text() == "a\n1\n"
