@@ -210,12 +210,12 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0) -> tuple[list
     return lines, heads, np.asarray(true)
 
 
-def _encode_drill(dataset: str, split: str, tok) -> tuple[list[np.ndarray], list[int]]:
-    """Token ids of the drill lines and the index of each line's first loss token (the result's
-    first token on a true line, the verdict on a false one)."""
+def _encode_drill(dataset: str, split: str, tok) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+    """Token ids of the drill lines, the index of each line's first loss token (the result's
+    first token on a true line, the verdict on a false one) and whether each line is true."""
     lines, heads, true = drill_lines(dataset, split)
     seqs = [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)]
-    return seqs, [len(h) if t else len(s) - 1 for s, h, t in zip(seqs, encode(heads, tok), true)]
+    return seqs, [len(h) if t else len(s) - 1 for s, h, t in zip(seqs, encode(heads, tok), true)], true
 
 
 def _drill_batch(seqs, starts, idx, pad_id: int):
@@ -230,13 +230,9 @@ def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0) -> float:
     """Share of true validation drill lines (operands never trained on) whose whole result the
     model predicts token by token (greedy, teacher-forced; the verdict excluded)."""
     tok = build_tokenizer()
-    lines, heads, true = drill_lines(dataset, "validation")
-    lines = [x.rsplit(" ", 1)[0] for x, t in zip(lines, true) if t]
-    heads = [h for h, t in zip(heads, true) if t]
-    idx = np.random.default_rng(seed).permutation(len(lines))[:n]
-    seqs = encode([lines[i] for i in idx], tok)
-    starts = [len(h) for h in encode([heads[i] for i in idx], tok)]
-    tokens, mask = _drill_batch(seqs, starts, range(len(seqs)), tok.token_to_id(PAD))
+    seqs, starts, true = _encode_drill(dataset, "validation", tok)
+    idx = np.random.default_rng(seed).permutation(np.flatnonzero(true))[:n]
+    tokens, mask = _drill_batch([s[:-1] for s in seqs], starts, idx, tok.token_to_id(PAD))  # s[:-1]: without the verdict
     pred = (final_resid(model, tokens)[:, :-1] @ model.unembed.W_U + model.unembed.b_U).argmax(-1)
     return float(((pred == tokens[:, 1:]) | ~mask).all(1).float().mean())
 
@@ -331,7 +327,7 @@ def _train(cfg: BaseConfig, progress: bool):
     by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
     slots = [i for i, d in enumerate(cfg.datasets) for _ in range(cfg.arithmetic_weight if d in qdata.ARITHMETIC else 1)]
     facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
-    drills = [_encode_drill(d, "train", tok) for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
+    drills = [_encode_drill(d, "train", tok)[:2] for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
     n_drill = 0
     qa = qa[["dataset"]]  # the prompts are encoded: free their text
 
