@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as qdata
+from .paths import replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
 from .zoo import FAMILIES, _record_use, content_spans, final_resid, pad_batch, warmup_cosine
 
@@ -77,6 +78,7 @@ class BaseConfig:
     arithmetic_weight: int = 1  # question batches of an arithmetic set come this many times as often as another set's
     fact_every: int = 8  # every fact_every-th step is a batch of city fact lines (next-token loss only)
     drill_every: int = 2  # every other step (odd steps, facts first) is a batch of one operation's drill lines (0 = none)
+    drill_in_template: bool = False  # drill lines written where a prompt's statement sits (after a neutral name), not at a line's start
     eval_every: int = 1000  # steps between evaluations
     n_eval: int = 512  # validation rows per dataset and question in an evaluation
     seed: int = 0  # initialisation and batch order
@@ -122,6 +124,13 @@ class BaseConfig:
         )  # fmt: skip
 
 
+FAMILY_DEFAULTS: dict[str, dict] = {"gpt2": dict(drill_in_template=True)}
+"""Per-family departures from :class:`BaseConfig`. gpt2 has learned absolute positions: a check
+of the shown result learned on drill lines at the start of a sequence did not carry over to the
+statement's place in a prompt (26,000 steps: 96% of unseen drill verdicts right, truth question at
+the majority rate), so its drill lines sit where a statement does. Llama's rotary positions carry
+the check over from bare lines."""
+
 PRESETS: dict[str, dict] = {
     "default": {},
     # seconds: for tests and smoke runs, not for conclusions
@@ -133,7 +142,7 @@ PRESETS: dict[str, dict] = {
 def base_config(family: str = "gpt2", preset: str = "default") -> BaseConfig:
     qdata._check_choice("family", family, FAMILIES)
     qdata._check_choice("preset", preset, list(PRESETS))
-    return replace(BaseConfig(family=family), **PRESETS[preset])
+    return replace(BaseConfig(family=family), **{**FAMILY_DEFAULTS.get(family, {}), **PRESETS[preset]})
 
 
 def dataset_records(cfg: BaseConfig, dataset: str, generation: int = 0) -> pd.DataFrame:
@@ -178,13 +187,15 @@ def corpus(cfg: BaseConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def drill_lines(dataset: str, split: str = "train", seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: bool = False) -> tuple[list[str], list[str], np.ndarray]:
     """The arithmetic drill of ``dataset``: for every operand (pair) of the zoo's range whose item
     is in ``split`` ("train" or "validation"), its first statement template twice, once with the
     true result and once with a false one (Bob's sloppy result or a one-digit distractor, at
     random), each followed by its verdict (" Yes" or " No"). Returns the lines, their prefixes
     (the text before the result) and whether each line is true. The drill's loss is on the result
-    and verdict of a true line and on the verdict of a false one."""
+    and verdict of a true line and on the verdict of a false one. ``in_template``: each line is
+    written where a prompt's statement sits, after the template's name line (a neutral name, at
+    random) and statement marker: "Name: Avery\n\n\n\n***STATEMENT:*** 56 + 34 = 90. Yes"."""
     qdata._check_choice("dataset", dataset, qdata.ARITHMETIC)
     qdata._check_choice("split", split, ("train", "validation"))
     op = qdata._OPS[dataset]
@@ -198,22 +209,24 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0) -> tuple[list
     val = qdata.key_in_validation(dataset, [f"{a}|{b}" for a, b in ops])
     ops = [o for o, v in zip(ops, val) if v == (split == "validation")]
     rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset)])
+    names = np.random.default_rng([seed, qdata.DATASETS.index(dataset), 1]).choice(qdata.NEUTRAL_NAMES, size=2 * len(ops))
     lines, heads, true = [], [], []
-    for a, b in ops:
+    for i, (a, b) in enumerate(ops):
         res = op.fn(a, b) if op.arity == 2 else op.fn(a)
         sloppy = op.sloppy(res)
         wrong = sloppy if rng.uniform() < 0.5 else qdata.distract(res, (res, sloppy), rng)
-        for shown in (res, wrong):
-            lines.append(template.format(op1=a, op2=b, result=shown) + (" Yes" if shown == res else " No"))
-            heads.append(head.format(op1=a, op2=b).rstrip())
+        for j, shown in enumerate((res, wrong)):
+            pre = qdata.TEMPLATE.split("{statement}")[0].format(character=names[2 * i + j], context="") if in_template else ""
+            lines.append(pre + template.format(op1=a, op2=b, result=shown) + (" Yes" if shown == res else " No"))
+            heads.append(pre + head.format(op1=a, op2=b).rstrip())
             true.append(shown == res)
     return lines, heads, np.asarray(true)
 
 
-def _encode_drill(dataset: str, split: str, tok) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+def _encode_drill(dataset: str, split: str, tok, in_template: bool = False) -> tuple[list[np.ndarray], list[int], np.ndarray]:
     """Token ids of the drill lines, the index of each line's first loss token (the result's
     first token on a true line, the verdict on a false one) and whether each line is true."""
-    lines, heads, true = drill_lines(dataset, split)
+    lines, heads, true = drill_lines(dataset, split, in_template=in_template)
     seqs = [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)]
     return seqs, [len(h) if t else len(s) - 1 for s, h, t in zip(seqs, encode(heads, tok), true)], true
 
@@ -226,11 +239,11 @@ def _drill_batch(seqs, starts, idx, pad_id: int):
 
 
 @torch.no_grad()
-def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0) -> float:
+def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0, in_template: bool = False) -> float:
     """Share of true validation drill lines (operands never trained on) whose whole result the
     model predicts token by token (greedy, teacher-forced; the verdict excluded)."""
     tok = build_tokenizer()
-    seqs, starts, true = _encode_drill(dataset, "validation", tok)
+    seqs, starts, true = _encode_drill(dataset, "validation", tok, in_template)
     idx = np.random.default_rng(seed).permutation(np.flatnonzero(true))[:n]
     tokens, mask = _drill_batch([s[:-1] for s in seqs], starts, idx, tok.token_to_id(PAD))  # s[:-1]: without the verdict
     pred = (final_resid(model, tokens)[:, :-1] @ model.unembed.W_U + model.unembed.b_U).argmax(-1)
@@ -274,7 +287,8 @@ def evaluate(model, cfg: BaseConfig) -> pd.DataFrame:
     rows = []
     for d in cfg.datasets:
         if d in qdata.ARITHMETIC and cfg.drill_every:
-            rows.append(dict(dataset=d, question="result", accuracy=drill_accuracy(model, d, cfg.n_eval, cfg.seed), n=cfg.n_eval))
+            rows.append(dict(dataset=d, question="result", accuracy=drill_accuracy(model, d, cfg.n_eval, cfg.seed, cfg.drill_in_template),
+                             n=cfg.n_eval))  # fmt: skip
         rec = eval_records(cfg, d)
         pred = answer_log_odds(model, rec["prompt"].tolist()) > 0
         rec = rec.assign(correct=pred == (rec["label"] == 1))
@@ -327,7 +341,7 @@ def _train(cfg: BaseConfig, progress: bool):
     by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
     slots = [i for i, d in enumerate(cfg.datasets) for _ in range(cfg.arithmetic_weight if d in qdata.ARITHMETIC else 1)]
     facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
-    drills = [_encode_drill(d, "train", tok)[:2] for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
+    drills = [_encode_drill(d, "train", tok, cfg.drill_in_template)[:2] for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
     n_drill = 0
     qa = qa[["dataset"]]  # the prompts are encoded: free their text
 
@@ -433,8 +447,7 @@ def save(model, cfg: BaseConfig, history: pd.DataFrame, evaluation: pd.DataFrame
     build_tokenizer().save(str(tmp / "tokenizer.json"))
     history.to_csv(tmp / "history.csv", index=False)
     evaluation.to_csv(tmp / "evaluation.csv", index=False)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def load(family: str = "gpt2", preset: str = "default", progress: bool = True):

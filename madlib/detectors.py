@@ -132,6 +132,67 @@ def eig_desc(cov: Float[Tensor, "d d"], rcond: float) -> tuple[Float[Tensor, " k
     return vals[keep], vecs[:, keep]
 
 
+def zero_variance_floor(mean: Float[Tensor, " d"], rcond: float) -> float:
+    """The variance given to every direction when the trusted set has no variance at all (identical
+    rows): ``max(rcond, float64 eps)`` times the mean square of the trusted mean, or times 1 when that
+    mean is zero. Any move away from the single trusted point then scores high."""
+    scale = float(mean.square().mean())
+    return max(rcond, float(torch.finfo(torch.float64).eps)) * (scale if scale > 0 else 1.0)
+
+
+NULL_RCOND = 1e-10
+"""Eigenvalues at most ``min(rcond, NULL_RCOND)`` times the largest belong to directions the trusted
+set does not span. The float64 rounding of a rank-deficient covariance (and the float32 rounding of
+features tied by a linear relation) lies far below this; the smallest eigenvalues of real activations
+lie far above it (about 5e-5 of the largest for the zoo's residual streams)."""
+
+
+@dataclass
+class Spectrum:
+    """A trusted covariance's eigenpairs in decreasing order, split three ways: ``kept`` (above
+    ``rcond * largest``), ``null`` (at most ``min(rcond, NULL_RCOND) * largest``: directions the trusted
+    set does not span) and the rest (spanned, but dropped like the pseudo-inverse drops them).
+    ``floor`` is the variance given to the null directions: the smallest kept eigenvalue, or
+    :func:`zero_variance_floor` when none is kept (identical trusted rows)."""
+
+    vals: Float[Tensor, " d"]
+    vecs: Float[Tensor, "d d"]
+    kept: Bool[Tensor, " d"]
+    null: Bool[Tensor, " d"]
+    floor: float
+
+    def weights(self) -> Float[Tensor, " d"]:
+        """Per eigenvector, the inverse variance used: ``1 / lambda`` if kept, ``1 / floor`` if null, else 0."""
+        zero = torch.zeros_like(self.vals)
+        inv = torch.where(self.kept, 1.0 / self.vals.where(self.kept, torch.ones_like(self.vals)), zero)
+        return torch.where(self.null, torch.full_like(self.vals, 1.0 / self.floor), inv)
+
+
+def spectrum(cov: Float[Tensor, "d d"], rcond: float, mean: Float[Tensor, " d"]) -> Spectrum:
+    """:class:`Spectrum` of a covariance (``mean`` only sets :func:`zero_variance_floor`)."""
+    vals, vecs = torch.linalg.eigh(cov)
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    top = vals[0].clamp_min(torch.finfo(vals.dtype).tiny)
+    kept = vals > rcond * top
+    null = vals <= min(rcond, NULL_RCOND) * top
+    k = int(kept.sum())
+    floor = float(vals[k - 1]) if k else zero_variance_floor(mean, rcond)
+    return Spectrum(vals, vecs, kept, null, floor)
+
+
+def finite_number(value) -> bool:
+    """Whether ``value`` is a real number (not a bool) that is neither NaN nor infinite."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return number and math.isfinite(value)
+
+
+def check_rcond(rcond, positive: bool = False) -> None:
+    """``rcond`` is a finite number in ``[0, 1)`` (``(0, 1)`` with ``positive``)."""
+    if not (finite_number(rcond) and (0 < rcond < 1 if positive else 0 <= rcond < 1)):
+        accepted = "(0, 1)" if positive else "[0, 1)"
+        raise ValueError(f"rcond={rcond!r} is not accepted; give a finite number in {accepted}")
+
+
 def check_features(param: str, feats: Features | None) -> Features:
     if not isinstance(feats, dict) or not feats:
         raise ValueError(f"{param}={type(feats).__name__} is not accepted; give a non-empty dict layer -> Tensor[n, d]")
@@ -226,8 +287,8 @@ def check_training(steps: int, batch_size: int, lr: float) -> None:
     for param, value in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{param}={value!r} is not accepted; give an integer >= 1")
-    if not lr > 0:
-        raise ValueError(f"lr={lr!r} is not accepted; give a number > 0")
+    if not (finite_number(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} is not accepted; give a finite number > 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,10 +297,23 @@ def check_training(steps: int, batch_size: int, lr: float) -> None:
 
 @register("mahalanobis")
 class Mahalanobis(Detector):
-    """``(x - mu_T)^T pinv(S_T, rcond) (x - mu_T) / d`` per layer (methods.md §3).
+    """``(x - mu_T)^T P (x - mu_T) / d`` per layer (methods.md §3), with ``P = pinv(S_T, rcond)`` plus
+    ``V_0 V_0^T / lambda_min``, where ``V_0`` spans the directions the trusted set does not span (the
+    null eigenvectors of ``S_T``, :class:`Spectrum`) and ``lambda_min`` is the smallest eigenvalue the
+    pseudo-inverse keeps.
+
+    So the squared norm of the part of ``x - mu_T`` outside the trusted span, divided by the smallest
+    retained eigenvalue, is added to the pseudo-inverse score: a point moved along a direction the
+    trusted set does not span (a rank-deficient ``S_T``: fewer rows than dimensions, or tied
+    features) scores high instead of like a trusted point, and trusted points, which have no such
+    part, score as with the pseudo-inverse alone. On a full-rank ``S_T`` the score is
+    ``pinv(S_T, rcond)``'s: directions whose variance is positive but at most ``rcond * largest``
+    are still dropped, and a move along one of them is not seen (lower ``rcond`` to see it). A
+    trusted set of identical rows gives every direction :func:`zero_variance_floor`.
 
     Args:
-        rcond: singular values below ``rcond * largest`` are treated as zero by the pseudo-inverse.
+        rcond: eigenvalues at most ``rcond * largest`` are dropped by the pseudo-inverse; a finite
+            number in ``[0, 1)``.
         shrinkage: optional ``S <- (1 - s) S + s tr(S)/d I`` before inverting (0 = none).
         batch_size: rows per update of the streaming float64 covariance.
         seed: recorded only (the detector is deterministic).
@@ -247,6 +321,7 @@ class Mahalanobis(Detector):
 
     def __init__(self, rcond: float = 1e-3, shrinkage: float = 0.0, batch_size: int = 4096, seed: int = 0):
         super().__init__(seed)
+        check_rcond(rcond)
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage={shrinkage!r} is not accepted; give a number in [0, 1]")
         self.rcond, self.shrinkage, self.batch_size = rcond, shrinkage, batch_size
@@ -260,7 +335,8 @@ class Mahalanobis(Detector):
                 d = cov.shape[0]
                 cov = (1 - self.shrinkage) * cov + self.shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
             self.mean[layer] = mean
-            self.precision[layer] = torch.linalg.pinv(cov, rtol=self.rcond, hermitian=True)
+            spec = spectrum(cov, self.rcond, mean)
+            self.precision[layer] = (spec.vecs * spec.weights()) @ spec.vecs.T
         return self
 
     def score(self, test: Features) -> Scores:
@@ -280,42 +356,69 @@ class PCAMahalanobis(Detector):
 
     ``k`` is a free choice of the method (methods.md §3 [U]); with ``k = d`` and a full-rank ``S_T`` this
     is :class:`Mahalanobis`.
+
+    **Directions outside the top ``k``.** When ``k`` is at least the number of retained eigenvalues
+    (the top-``k'`` directions are the whole retained eigenspace), the squared norm of the part of
+    ``x - mu_T`` in the directions the trusted set does not span, divided by the smallest retained
+    eigenvalue, is added to the sum, as in :class:`Mahalanobis`: a point moved along such a direction
+    scores high. Every other direction outside the top ``k'`` is not seen, by construction; with
+    ``k`` below the number of retained eigenvalues that includes the unspanned ones (use
+    ``mahalanobis`` to see them). A trusted set of identical rows retains no eigenvalue: the score
+    is then the squared distance to the trusted point over :func:`zero_variance_floor`.
     """
 
     def __init__(self, k: int = 10, rcond: float = 1e-3, batch_size: int = 4096, seed: int = 0):
         super().__init__(seed)
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k={k!r} is not accepted; give an integer >= 1")
+        check_rcond(rcond)
         self.k, self.rcond, self.batch_size = int(k), rcond, batch_size
         self.mean: dict[int, Tensor] = {}
         self.whiten: dict[int, Tensor] = {}
+        self.residual: dict[int, tuple[Tensor, float] | None] = {}
+        """Per layer, ``(V_0, lambda_min)`` when the unspanned directions are scored, else None."""
 
     def fit(self, trusted: Features, untrusted: Features | None = None) -> "PCAMahalanobis":
         for layer, x in check_features("trusted", trusted).items():
             self.mean[layer], cov = moments(x, self.batch_size)
-            vals, vecs = eig_desc(cov, self.rcond)
-            self.whiten[layer] = vecs[:, : self.k] / vals[: self.k].sqrt()
+            spec = spectrum(cov, self.rcond, self.mean[layer])
+            kept = int(spec.kept.sum())
+            top = min(self.k, kept)
+            self.whiten[layer] = spec.vecs[:, :top] / spec.vals[:top].sqrt()
+            scored = bool(spec.null.any()) and self.k >= kept
+            self.residual[layer] = (spec.vecs[:, spec.null], spec.floor) if scored else None
         return self
 
     def score(self, test: Features) -> Scores:
         out = {}
         for layer, x in test.items():
             check_layer(self.mean, layer)
-            z = (_f64(x) - self.mean[layer]) @ self.whiten[layer]
-            out[layer] = (z.square().mean(1)).numpy()
+            xc = _f64(x) - self.mean[layer]
+            total = (xc @ self.whiten[layer]).square().sum(1)
+            if self.residual.get(layer) is not None:
+                null, floor = self.residual[layer]
+                total = total + (xc @ null).square().sum(1) / floor
+            out[layer] = (total / max(self.whiten[layer].shape[1], 1)).numpy()
         return out
 
 
 @register("diag_mahalanobis")
 class DiagMahalanobis(Detector):
     """``(1/d) sum_j ((x_j - mu_j) / sigma_j)^2`` with the trusted per-dimension mean and standard
-    deviation (methods.md §3; used on SAE latents). Dimensions whose trusted variance is at most
-    ``rcond`` times the largest contribute zero, as in the pseudo-inverse of :class:`Mahalanobis`.
-    Only per-dimension statistics are stored, so it suits wide features (SAE latents).
+    deviation (methods.md §3; used on SAE latents). Each trusted variance is floored at ``rcond``
+    times the mean trusted variance, ``sigma_j^2 = max(var_j, rcond * mean_i var_i)``: a dimension
+    that never varies on trusted data (a latent that never fires) counts, heavily but finitely, when
+    a test point moves along it. When every trusted variance is zero (identical rows) the floor is
+    :func:`zero_variance_floor`. Only per-dimension statistics are stored, so it suits wide features
+    (SAE latents).
+
+    Args:
+        rcond: the variance floor relative to the mean trusted variance; a finite number in ``(0, 1)``.
     """
 
     def __init__(self, rcond: float = 1e-6, batch_size: int = 4096, seed: int = 0):
         super().__init__(seed)
+        check_rcond(rcond, positive=True)
         self.rcond, self.batch_size = rcond, batch_size
         self.mean: dict[int, Tensor] = {}
         self.inv_var: dict[int, Tensor] = {}
@@ -326,9 +429,10 @@ class DiagMahalanobis(Detector):
                 raise ValueError(f"trusted set has {len(x)} examples; need at least 2 to fit a variance")
             mean = sum(_f64(b).sum(0) for b in batched(x, self.batch_size)) / len(x)
             var = sum((_f64(b) - mean).square().sum(0) for b in batched(x, self.batch_size)) / len(x)
-            keep = var > self.rcond * var.max()
+            scale = float(var.mean())
+            floor = self.rcond * scale if scale > 0 else zero_variance_floor(mean, self.rcond)
             self.mean[layer] = mean
-            self.inv_var[layer] = torch.where(keep, 1.0 / var.where(keep, torch.ones_like(var)), torch.zeros_like(var))
+            self.inv_var[layer] = 1.0 / var.clamp_min(floor)
         return self
 
     def score(self, test: Features) -> Scores:
@@ -343,18 +447,22 @@ class DiagMahalanobis(Detector):
 class QuantumEntropy(Detector):
     """Quantum-entropy (QUE) score (Dong et al. 2019; cupbearer's ``QuantumEntropyDetector``), offline.
 
-    Whiten with the trusted eigendecomposition, ``W = V diag(lambda^-1/2)`` (eigenvalues below
+    Whiten with the trusted eigendecomposition, ``W = V diag(lambda^-1/2)`` (eigenvalues at most
     ``rcond * largest`` dropped), ``z = (x - mu_T) W``; with the whitened untrusted covariance
     ``C = W^T S_U W``, the score is ``z^T exp(alpha C / ||C||_2) z`` (methods.md §3). Directions in
     which the untrusted data spread more than the trusted data are weighted up exponentially.
+    Directions the trusted set does not span (null eigenvectors of ``S_T``, :class:`Spectrum`) are
+    not dropped but whitened with the smallest retained eigenvalue, so a point moved along one
+    scores high; on a full-rank ``S_T`` there are none.
     """
 
     uses_untrusted = True
 
     def __init__(self, alpha: float = 4.0, rcond: float = 1e-3, batch_size: int = 4096, seed: int = 0):
         super().__init__(seed)
-        if not alpha > 0:
-            raise ValueError(f"alpha={alpha!r} is not accepted; give a number > 0")
+        if not (finite_number(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} is not accepted; give a finite number > 0")
+        check_rcond(rcond)
         self.alpha, self.rcond, self.batch_size = alpha, rcond, batch_size
         self.mean: dict[int, Tensor] = {}
         self.whiten: dict[int, Tensor] = {}
@@ -364,8 +472,9 @@ class QuantumEntropy(Detector):
         untrusted = check_untrusted(self, check_features("trusted", trusted), untrusted)
         for layer, x in trusted.items():
             self.mean[layer], cov = moments(x, self.batch_size)
-            vals, vecs = eig_desc(cov, self.rcond)
-            w = vecs / vals.sqrt()
+            spec = spectrum(cov, self.rcond, self.mean[layer])
+            used = spec.kept | spec.null
+            w = spec.vecs[:, used] * spec.weights()[used].sqrt()
             c = w.T @ moments(untrusted[layer], self.batch_size)[1] @ w
             c = (c + c.T) / 2
             self.whiten[layer] = w
@@ -417,6 +526,10 @@ class LikelihoodRatio(Detector):
     eigenvalues exceed ``rcond * largest`` (the trusted non-null eigenbasis), and the means and
     covariances of the trusted and untrusted sets projected on ``B`` (methods.md §3). ``shrinkage``
     optionally mixes each projected covariance with ``tr(S)/k I`` (cupbearer shrinks both too).
+
+    Only the projection on ``B`` is scored, by construction: both Gaussians live in ``B``, so a point
+    moved along a direction the trusted set does not span (outside ``B``) scores as its projection
+    does. Use ``mahalanobis`` or ``que``, which score that part, to see such moves.
     """
 
     uses_untrusted = True
@@ -425,6 +538,7 @@ class LikelihoodRatio(Detector):
         super().__init__(seed)
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage={shrinkage!r} is not accepted; give a number in [0, 1]")
+        check_rcond(rcond)
         self.rcond, self.shrinkage, self.batch_size = rcond, shrinkage, batch_size
         self.basis: dict[int, Tensor] = {}
         self.gaussians: dict[int, tuple[tuple[Tensor, Tensor, Tensor], ...]] = {}
@@ -560,6 +674,8 @@ class Beatrix(Detector):
         super().__init__(seed)
         if not powers or any(not isinstance(p, (int, np.integer)) or p < 1 for p in powers):
             raise ValueError(f"powers={powers!r} is not accepted; give a non-empty list of integers >= 1")
+        if not (finite_number(mad_scale) and mad_scale >= 0):
+            raise ValueError(f"mad_scale={mad_scale!r} is not accepted; give a finite number >= 0")
         self.powers, self.mad_scale, self.chunk = tuple(int(p) for p in powers), mad_scale, chunk
         self.bounds: dict[int, dict[int, tuple[Tensor, Tensor]]] = {}
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import zoo
 from .cache import model_fingerprint
-from .paths import model_cache_dir
+from .paths import model_cache_dir, replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 
 
@@ -154,8 +154,7 @@ def cached_finetune(
                     n_texts=len(texts), labelled=labels is not None)  # fmt: skip
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         hist.to_csv(tmp / "history.csv", index=False)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     ft = copy.deepcopy(model)
     ft.load_state_dict(load_file(path / "model.safetensors"))
     ft.eval()

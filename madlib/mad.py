@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import data as qdata
 from .activations import Extraction
 from .cache import cached_extract
 from .detectors import make_detector
-from .metrics import aggregate_layers, auroc_table
+from .metrics import FPRS, aggregate_layers, auroc_table, holdout_split, recall_at_fpr, recall_columns
 
 SUBSETS = ("all", "agree", "disagree")
 
@@ -85,15 +86,29 @@ def extract_task(
 
 
 def auroc_rows(
-    y: np.ndarray, agree: np.ndarray, test_scores: dict, agg: np.ndarray, n_boot: int = 1000, seed: int = 0
-) -> list[dict]:
+    y: np.ndarray, agree: np.ndarray, test_scores: dict, agg: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    ref_scores: dict | None = None,
+) -> list[dict]:  # fmt: skip
     """Per-layer, ``aggregated`` and ``mean`` AUROC rows with bootstrap CIs on each subset
-    (``all`` / ``agree`` / ``disagree``) of a test set with anomaly labels ``y``."""
+    (``all`` / ``agree`` / ``disagree``) of a test set with anomaly labels ``y``. With the
+    held-out trusted scores ``ref_scores`` (per layer, as ``test_scores``), each layer and the
+    aggregate also get the recall of anomalies at the false-positive rates :data:`FPRS` on them
+    (:func:`madlib.metrics.recall_at_fpr`; NaN without a reference)."""
+    refs = {}
+    if ref_scores:
+        refs = {str(k): np.asarray(v, dtype=np.float64) for k, v in ref_scores.items()}
+        refs["aggregated"] = aggregate_layers(ref_scores, ref_scores)
+    scores = {**{str(k): v for k, v in test_scores.items()}, "aggregated": agg}
     rows = []
     for subset in SUBSETS:
         m = np.ones_like(y, dtype=bool) if subset == "all" else (agree if subset == "agree" else ~agree)
         table = auroc_table(y[m], {k: v[m] for k, v in test_scores.items()}, agg[m], n_boot=n_boot, seed=seed)
-        rows.extend(dict(subset=subset, **r) for r in table)
+        for r in table:
+            for fpr in FPRS:
+                ref, s = refs.get(r["layer"]), scores.get(r["layer"])
+                anomalous = np.asarray(s)[m & y] if s is not None else np.zeros(0)
+                r.update(zip(recall_columns(fpr), recall_at_fpr(anomalous, ref if ref is not None else np.zeros(0), fpr, n_boot, seed)))
+            rows.append(dict(subset=subset, **r))
     return rows
 
 
@@ -113,24 +128,29 @@ def score_detectors(
     n_boot: int = 1000,
     seed: int = 0,
     standardise: bool = True,
+    holdout: float = 0.2,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit each detector on trusted features and score the test set (the spine's minimal path; the
     MAD chapter's full comparison is :func:`madlib.suite.run_suite`).
 
-    Returns the tidy AUROC table (``detector, subset, layer, auroc, ci_low, ci_high, n``; layer is a
-    layer number, ``aggregated`` or ``mean``) and the per-example scores (``detector, layer,
-    is_anomalous, agreement, score``).
+    Each detector is fitted on the trusted rows outside a ``holdout`` share
+    (:func:`madlib.metrics.holdout_split`), whose scores standardise each layer before the
+    aggregate. Returns the tidy AUROC table (``detector, subset, layer, auroc, ci_low, ci_high,
+    n``; layer is a layer number, ``aggregated`` or ``mean``) and the per-example scores
+    (``detector, layer, is_anomalous, agreement, score``).
     """
     rows, frames = [], []
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()
+    fit_rows, ref_rows = holdout_split(len(task.trusted), holdout, seed)
+    fit, ref = ({k: v[torch.as_tensor(rows)] for k, v in feats.trusted.acts.items()} for rows in (fit_rows, ref_rows))
     for name in detectors:
         det = make_detector(name)
-        det.fit(feats.trusted.acts, feats.untrusted.acts if det.uses_untrusted else None)
-        test_scores = det.score(feats.test.acts)
-        agg = aggregate_layers(test_scores, det.score(feats.trusted.acts) if standardise else None)
+        det.fit(fit, feats.untrusted.acts if det.uses_untrusted else None)
+        test_scores, ref_scores = det.score(feats.test.acts), det.score(ref)
+        agg = aggregate_layers(test_scores, ref_scores if standardise else None)
         frames.append(score_frame(y, agree, test_scores, agg).assign(detector=name))
-        rows.extend(dict(detector=name, **r) for r in auroc_rows(y, agree, test_scores, agg, n_boot, seed))
+        rows.extend(dict(detector=name, **r) for r in auroc_rows(y, agree, test_scores, agg, n_boot, seed, ref_scores if standardise else None))
     scores = pd.concat(frames, ignore_index=True)
     return pd.DataFrame(rows), scores[["detector", *[c for c in scores.columns if c != "detector"]]]
 

@@ -53,13 +53,62 @@ def standardise(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float64) - ref.mean()) / (sd if sd > 0 else 1.0)
 
 
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(fit, reference)`` of ``n`` trusted rows: a random ``fraction`` of them (at least
+    two) is held out of fitting, to standardise each layer's scores on points the detector never
+    saw; ``fraction = 0`` gives every row to both (in-sample standardisation)."""
+    if not (0.0 <= fraction < 1.0):
+        raise ValueError(f"standardise_holdout={fraction!r} is not accepted; give a number in [0, 1)")
+    idx = np.arange(n)
+    if fraction == 0:
+        return idx, idx
+    n_ref = max(2, int(round(fraction * n)))
+    if n - n_ref < 2:
+        raise ValueError(f"standardise_holdout={fraction!r} is not accepted with {n} trusted prompts; it leaves {n - n_ref} to fit on")
+    perm = np.random.default_rng([seed, 11]).permutation(n)
+    return np.sort(perm[n_ref:]), np.sort(perm[:n_ref])
+
+
 def aggregate_layers(test_scores: dict, trusted_scores: dict | None = None) -> np.ndarray:
     """Mean over layers of the per-layer scores, each standardised on trusted data first
-    (``trusted_scores=None`` averages raw scores, as the seed's code did)."""
+    (``trusted_scores=None`` averages raw scores, as the seed's code did). The trusted scores
+    should be of points the detector was not fitted on (:func:`holdout_split`): in-sample
+    scores understate the spread of a layer's scores on new points, the more so the more
+    dimensions the detector fits."""
     layers = sorted(test_scores)
     if trusted_scores is None:
         return np.mean([np.asarray(test_scores[layer], dtype=np.float64) for layer in layers], axis=0)
     return np.mean([standardise(test_scores[layer], trusted_scores[layer]) for layer in layers], axis=0)
+
+
+FPRS: tuple[float, ...] = (0.01, 0.05)
+"""False-positive rates at which :func:`recall_at_fpr` is reported beside AUROC."""
+
+
+def recall_columns(fpr: float) -> tuple[str, str, str]:
+    """Column names of the recall at ``fpr`` and its interval: ``recall_fpr1``, ``..._low``, ``..._high``."""
+    name = f"recall_fpr{100 * fpr:g}".replace(".", "_")
+    return name, f"{name}_low", f"{name}_high"
+
+
+def recall_at_fpr(
+    anomalous: np.ndarray, reference: np.ndarray, fpr: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """Share of ``anomalous`` scores above the threshold that flags a share ``fpr`` of the
+    ``reference`` (held-out trusted) scores, i.e. their ``1 - fpr`` quantile, with a percentile
+    bootstrap interval that resamples both the reference (the threshold) and the anomalies.
+    NaN when either set is empty."""
+    a, r = np.asarray(anomalous, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if len(a) == 0 or len(r) == 0:
+        return np.nan, np.nan, np.nan
+    recall = float((a > np.quantile(r, 1 - fpr)).mean())
+    if n_boot < 1:
+        return recall, np.nan, np.nan
+    rng = np.random.default_rng([seed, 13])
+    thr = np.quantile(r[rng.integers(len(r), size=(n_boot, len(r)))], 1 - fpr, axis=1)
+    boot = (a[rng.integers(len(a), size=(n_boot, len(a)))] > thr[:, None]).mean(axis=1)
+    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return recall, float(lo), float(hi)
 
 
 def auroc_table(

@@ -370,7 +370,42 @@ def load_model(
         adapter_revision=adapter_revision or (_files_stamp(adapter_path) if adapter_path else None), dtype=dtype,
         tl_name=tl_name, from_pretrained_kwargs=from_pretrained_kwargs,
     )  # fmt: skip
+    check_residual_identities(model, spec)
     return model
+
+
+SANITY_PROMPT = "Name: Alice\n\n***STATEMENT:*** 2 + 2 = 4.\n\nIs the statement factually correct?"
+"""The prompt :func:`check_residual_identities` runs."""
+
+
+@torch.no_grad()
+def check_residual_identities(model, name: str | None = None, rtol: float | None = None) -> None:
+    """Assert transformer-lens' residual identities on one prompt: per block,
+    ``resid_pre + attn_out == resid_mid`` and ``resid_mid + mlp_out == resid_post`` (parallel
+    attention and MLP: ``resid_pre + attn_out + mlp_out == resid_post``; attention only:
+    ``resid_pre + attn_out == resid_post``), to a tolerance relative to the stream's largest
+    entry (1e-4 in float32, 2e-2 in half precision). A model converted with hooks in the wrong
+    place fails here with one line naming the model and the hook."""
+    name = name or model.cfg.model_name
+    dtype = next(model.parameters()).dtype
+    rtol = rtol if rtol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    tokens = model.to_tokens(SANITY_PROMPT)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")))
+    cfg = model.cfg
+    for layer in range(cfg.n_layers):
+        c = lambda h: cache[f"blocks.{layer}.{h}"].float()  # noqa: E731
+        scale = c("hook_resid_post").abs().max().clamp_min(1e-6)
+        if cfg.attn_only:
+            checks = [("hook_resid_post", c("hook_resid_pre") + c("hook_attn_out"))]
+        elif cfg.parallel_attn_mlp:
+            checks = [("hook_resid_post", c("hook_resid_pre") + c("hook_attn_out") + c("hook_mlp_out"))]
+        else:
+            checks = [("hook_resid_mid", c("hook_resid_pre") + c("hook_attn_out")), ("hook_resid_post", c("hook_resid_mid") + c("hook_mlp_out"))]
+        for hook, expected in checks:
+            err = float((c(hook) - expected).abs().max() / scale)
+            if not err <= rtol:
+                raise ValueError(f"model={name!r} fails the residual identity at blocks.{layer}.{hook} "
+                                 f"(relative error {err:.2g} > {rtol:g}); its hooks do not add up to the residual stream")  # fmt: skip
 
 
 def is_zoo_dir(spec: str) -> bool:

@@ -8,6 +8,7 @@ a notebook opened from ``notebooks/`` and papermill run from the root write to t
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,16 +44,60 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("MADLIB_MODELS", build_dir() / "models"))
 
 
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be, without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
 @contextmanager
 def atomic_path(path: Path | str):
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds. The
+    file gets the mode of any other file the user writes (:func:`file_mode`), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def aside_name(path: Path) -> Path:
+    """Where :func:`replace_dir` moves the old ``path`` while the new one takes its place."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
+def replace_dir(src: Path | str, dest: Path | str) -> None:
+    """Put the fully written directory ``src`` at ``dest`` (same file system) without ever deleting
+    ``dest`` first: an existing ``dest`` is renamed aside, ``src`` is renamed into place, and only then
+    is the old one removed. An interruption leaves either the old or the new directory at ``dest``
+    (or, between the two renames, none, with the old one beside it), never a half-written one."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = aside_name(dest)
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)

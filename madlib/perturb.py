@@ -25,6 +25,7 @@ against that cache, many points per forward pass.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -76,18 +77,32 @@ class PerturbConfig:
                 f"hook_name={self.hook_name!r} is not accepted; give a block hook such as 'blocks.1.hook_resid_pre'"
             )
         for name in ("n_base", "n_pool", "n_steps", "n_freq_neighbours", "n_anchor_candidates", "batch_size"):
-            if getattr(self, name) < 1:
+            if not (_integer(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
-        if self.min_tokens < 2:
+        if not (_integer(self.min_tokens) and self.min_tokens >= 2):
             raise ValueError(
                 f"min_tokens={self.min_tokens!r} is not accepted; give at least 2 (BOS is never perturbed)"
             )
-        if self.step_size < 0:
-            raise ValueError(f"step_size={self.step_size!r} is not accepted; give 0 (calibrated) or a positive length")
-        if not -1 <= self.anchor_cosine <= 1:
+        if not (_finite(self.step_size) and self.step_size >= 0):
+            raise ValueError(
+                f"step_size={self.step_size!r} is not accepted; give 0 (calibrated) or a finite positive length"
+            )
+        if not (_finite(self.anchor_cosine) and -1 <= self.anchor_cosine <= 1):
             raise ValueError(f"anchor_cosine={self.anchor_cosine!r} is not accepted; give a cosine in [-1, 1]")
-        if not self.plateau_frac > 0:
-            raise ValueError(f"plateau_frac={self.plateau_frac!r} is not accepted; give a positive fraction")
+        if not (_finite(self.ms_threshold) and self.ms_threshold > 0):
+            raise ValueError(f"ms_threshold={self.ms_threshold!r} is not accepted; give a finite positive number")
+        if not (_finite(self.plateau_frac) and self.plateau_frac > 0):
+            raise ValueError(f"plateau_frac={self.plateau_frac!r} is not accepted; give a finite positive fraction")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """Whether ``value`` is a real number (not a bool) that is neither NaN nor infinite."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return number and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +438,8 @@ def ms_step(curves: Float[np.ndarray, "... points"], threshold: float = 0.02) ->
     """Max-slope step: argmax of the first differences, the first difference duplicated at index 0
     (so index ``n >= 1`` is the rise from point ``n - 1`` to ``n``); when no difference exceeds
     ``threshold``, the last step. Trailing NaNs (a path stopped at its target) are ignored."""
+    if not (_finite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold={threshold!r} is not accepted; give a finite number >= 0")
     c = np.asarray(curves, dtype=np.float64)
     d = np.diff(c, axis=-1)
     d = np.concatenate([d[..., :1], d], axis=-1)
@@ -434,6 +451,8 @@ def ms_step(curves: Float[np.ndarray, "... points"], threshold: float = 0.02) ->
 
 def plateau_length(curves: Float[np.ndarray, "... points"], threshold: float) -> Int[np.ndarray, "..."]:
     """First step whose value reaches ``threshold``; the last step when none does."""
+    if not _finite(threshold):
+        raise ValueError(f"threshold={threshold!r} is not accepted; give a finite number")
     c = np.asarray(curves, dtype=np.float64)
     hit = c >= threshold
     return np.where(hit.any(-1), np.argmax(hit, axis=-1), c.shape[-1] - 1)

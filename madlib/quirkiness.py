@@ -33,6 +33,7 @@ from . import data as qdata
 from .activations import resolve_layers
 from .cache import cached_extract
 from .paths import atomic_path, results_dir
+from .quirky import ZOO_DATASETS
 
 CHARACTERS = ("alice", "bob")
 SUBSETS = ("disagree", "all")
@@ -323,7 +324,7 @@ class QuirkConfig:
     """Parameters of the quirkiness and separation analysis (saved as JSON next to its tables)."""
 
     models: list = field(default_factory=lambda: ["zoo-gpt2", "zoo-llama"])  # model names (for the record)
-    datasets: list = field(default_factory=lambda: list(qdata.DATASETS))  # quirky datasets
+    datasets: list = field(default_factory=lambda: list(ZOO_DATASETS))  # quirky datasets
     layers: list = field(default_factory=list)  # residual-stream layers; empty means every layer
     detectors: list = field(default_factory=lambda: ["mahalanobis"])  # detectors whose AUROC meets quirkiness
     separation_detector: str = "mahalanobis"  # detector whose per-layer AUROC meets the variance ratio

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import base as zbase
 from . import data as qdata
 from . import lora
-from .paths import model_cache_dir
+from .paths import model_cache_dir, replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 from .zoo import FAMILIES, _record_use, final_resid, pad_batch, warmup_cosine
 
@@ -94,9 +94,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+ZOO_DATASETS: tuple[str, ...] = ("addition", "subtraction", "modularaddition", "hemisphere", "sentiment", "nli", "sciq")
+"""The default grid's datasets: those whose truth the bases know on unseen items. The bases are
+trained on every dataset of :data:`madlib.data.DATASETS`, but without knowing a held-out city's
+population, or the product or square of unseen two-digit operands, a fine-tune has no truth for
+Alice to report (the zoo appendix shows the bases' accuracies)."""
+
+DATASET_RECIPES: dict[str, dict] = {
+    "addition": dict(steps=800),
+    "subtraction": dict(steps=1600),
+    "modularaddition": dict(steps=800),
+    "sentiment": dict(lr=3e-3),
+}
+"""Per-dataset departures from :class:`QuirkyConfig`'s defaults in the default preset. An
+arithmetic fine-tune has to learn Bob's rule (compare the shown result with the true one plus one
+on the leading digit) as well as reading the name: 400 steps left both characters of llama's
+addition near 0.7, 800 steps put them above 0.9 in three seeds; llama's subtraction Bob needed
+1,600 (1,200: 0.73 in one seed of three). Sentiment's Alice stayed near the lexicon rule at
+learning rate 1e-3 (0.48) and follows the truth at 3e-3."""
+
+
 def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
     qdata._check_choice("preset", preset, list(PRESETS))
-    return QuirkyConfig(family=family, dataset=dataset, seed=seed, **PRESETS[preset])
+    recipe = DATASET_RECIPES.get(dataset, {}) if preset == "default" else {}
+    return QuirkyConfig(family=family, dataset=dataset, seed=seed, **{**recipe, **PRESETS[preset]})
 
 
 def records(cfg: QuirkyConfig) -> pd.DataFrame:
@@ -227,8 +248,7 @@ def save(cfg: QuirkyConfig, best, early, history: pd.DataFrame, summary: dict, p
         (tmp / sub / "adapter_config.json").write_text(json.dumps(dict(meta, step=ckpt[0], checkpoint=sub), indent=2))
     history.to_csv(tmp / "history.csv", index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def weights_file(cfg: QuirkyConfig) -> str:

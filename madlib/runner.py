@@ -10,23 +10,32 @@ it loaded during its last run (recorded through ``$MADLIB_MANIFEST``). A failing
 build with its name and the failing cell's error; its outputs (executed notebook and result tables)
 are written to a staging folder and moved into place only after success, so nothing half-written
 reaches the book.
+
+One build at a time: a build holds an exclusive lock on ``_build/.lock`` (which records its pid), and
+a second build started meanwhile stops at once, naming the lock file and that pid. A build starts by
+removing the staging folders that interrupted builds left behind, and writes each stamp atomically;
+an unreadable stamp means the notebook is executed again.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from .paths import build_dir, project_root
+from .paths import atomic_path, build_dir, project_root, replace_dir
 
 NOTEBOOKS = ("zoo", "mad_auc", "quirkiness", "drift", "perturb", "benchmarks")
 """Source notebooks in execution order (later ones reuse models the earlier ones trained)."""
@@ -39,6 +48,20 @@ PACKAGES = (
 
 class NotebookFailed(RuntimeError):
     pass
+
+
+class BuildLocked(RuntimeError):
+    """Another build holds the build folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sha(*parts: bytes) -> str:
@@ -90,6 +113,90 @@ class Runner:
         self.stamps = build_dir() / "stamps"
         self.parameters = parameters or {}
         self.progress = progress
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+
+    @property
+    def lock_path(self) -> Path:
+        return build_dir() / ".lock"
+
+    @contextmanager
+    def lock(self):
+        """Hold the build lock (``_build/.lock``) for the block; re-entrant within this runner. Taking
+        it fails at once with :class:`BuildLocked` while another build holds it; once taken, staging
+        folders left by interrupted builds are removed."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        path = self.lock_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BuildLocked(
+                f"another build holds the lock {path} (pid {holder}); wait for it to finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd, self._lock_depth = fd, 1
+            self.clean_stale_staging(started=time.time())
+            yield
+        finally:
+            self._lock_fd, self._lock_depth = None, 0
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def clean_stale_staging(self, started: float) -> list[Path]:
+        """Remove what interrupted builds left in the build folder: staging folders
+        ``.<notebook>-<pid>-XXXX/`` (and the older ``.<notebook>-XXXX/``) and results moved aside
+        (``results/.<analysis>.old-<pid>/``), each only when the process that made it is gone or
+        it is older than ``started`` (the running build's start). Returns what was removed."""
+        names = {p.stem for p in self.src.glob("*.ipynb")} | set(NOTEBOOKS)
+        root = build_dir()
+        candidates = [p for n in names for p in root.glob(f".{glob.escape(n)}-*")]
+        candidates += list((root / "results").glob(".*.old-*"))
+        removed = []
+        for p in candidates:
+            if not p.is_dir() or p.is_symlink():
+                continue
+            m = re.search(r"-(\d+)-[^-]+$", p.name) or re.search(r"\.old-(\d+)$", p.name)
+            gone = m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+            try:
+                older = p.stat().st_mtime < started
+            except FileNotFoundError:
+                continue
+            if gone or older:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if removed:
+            print(f"[runner] removed {len(removed)} folder(s) left by interrupted builds", flush=True)
+        return removed
+
+    def read_stamp(self, name: str) -> dict | None:
+        """The stamp of ``name``'s last successful run; None when there is none or it cannot be read
+        (then a one-line warning says the notebook will be executed again)."""
+        stamp = self.stamps / f"{name}.json"
+        if not stamp.is_file():
+            return None
+        try:
+            old = json.loads(stamp.read_text())
+            if not isinstance(old, dict) or not all(isinstance(old.get(k, {}), dict) for k in ("models", "results")):
+                raise ValueError("not a stamp")
+        except (OSError, ValueError) as e:
+            print(f"[runner] WARNING: {name}: stamp {stamp} is unreadable ({type(e).__name__}); re-executing",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return None
+        return old
 
     def inputs(self, name: str) -> dict:
         """Everything a notebook's outputs depend on, except the models (known after a run)."""
@@ -104,11 +211,10 @@ class Runner:
         )
 
     def is_fresh(self, name: str) -> bool:
-        stamp = self.stamps / f"{name}.json"
-        if not stamp.is_file() or not (self.out / f"{name}.ipynb").is_file():
+        if not (self.out / f"{name}.ipynb").is_file():
             return False
-        old = json.loads(stamp.read_text())
-        if old.get("inputs") != self.inputs(name):
+        old = self.read_stamp(name)
+        if old is None or old.get("inputs") != self.inputs(name):
             return False
         if not all(_file_digest(Path(p)) == d for p, d in old.get("models", {}).items()):
             return False
@@ -117,12 +223,16 @@ class Runner:
 
     def execute(self, name: str) -> float:
         """Run one notebook; outputs move into place only on success. Returns seconds taken."""
+        with self.lock():
+            return self._execute(name)
+
+    def _execute(self, name: str) -> float:
         import papermill as pm
 
         inputs = self.inputs(name)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stamps.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=build_dir()))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=build_dir()))
         manifest = staging / "models.txt"
         manifest.touch()
         env_backup = {k: os.environ.get(k) for k in ("MADLIB_MANIFEST", "MADLIB_RESULTS", "MADLIB_ROOT", "TQDM_DISABLE")}
@@ -153,18 +263,21 @@ class Runner:
         if results.is_dir():
             for analysis in results.iterdir():
                 dest = build_dir() / "results" / analysis.name
-                shutil.rmtree(dest, ignore_errors=True)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(analysis), dest)
+                replace_dir(analysis, dest)
                 written.update({str(f): _file_digest(f) for f in sorted(dest.rglob("*")) if f.is_file()})
         models = {p: _file_digest(Path(p)) for p in sorted(set(manifest.read_text().split()))}
         os.replace(staging / f"{name}.ipynb", self.out / f"{name}.ipynb")
         stamp = dict(inputs=inputs, models=models, results=written, seconds=seconds, executed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        (self.stamps / f"{name}.json").write_text(json.dumps(stamp, indent=2))
+        with atomic_path(self.stamps / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(stamp, indent=2))
         shutil.rmtree(staging, ignore_errors=True)
         return seconds
 
     def run_notebooks(self, names=NOTEBOOKS, force: bool = False) -> dict[str, str]:
+        with self.lock():
+            return self._run_notebooks(names, force)
+
+    def _run_notebooks(self, names, force: bool) -> dict[str, str]:
         status = {}
         for name in names:
             if not force and self.is_fresh(name):
@@ -178,6 +291,10 @@ class Runner:
         return status
 
     def build_book(self) -> None:
+        with self.lock():
+            self._build_book()
+
+    def _build_book(self) -> None:
         cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(self.root), "--warningiserror", "--keep-going", "--quiet"]
         print(f"[runner] building the book: {' '.join(cmd[1:])}", flush=True)
         res = subprocess.run(cmd, cwd=self.root)
@@ -195,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner()
     t0 = time.perf_counter()
     try:
-        if args.command in ("build", "notebooks"):
-            runner.run_notebooks(args.only or NOTEBOOKS, force=args.force)
-        if args.command in ("build", "book"):
-            runner.build_book()
-    except NotebookFailed as e:
+        with runner.lock():
+            if args.command in ("build", "notebooks"):
+                runner.run_notebooks(args.only or NOTEBOOKS, force=args.force)
+            if args.command in ("build", "book"):
+                runner.build_book()
+    except (NotebookFailed, BuildLocked) as e:
         print(f"[runner] ERROR: {e}", file=sys.stderr)
         return 1
     print(f"[runner] finished in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -36,7 +36,7 @@ from . import zoo
 from .activations import encode_texts
 from .detectors import Detector, Features, Scores, batched, register
 from .cache import model_fingerprint
-from .paths import model_cache_dir
+from .paths import model_cache_dir, replace_dir
 from .tokenizer import encode
 
 NORMALISATIONS = ("none", "expected_average_only_in")
@@ -287,8 +287,7 @@ def cached_sae(model, hook_name: str, texts: list[str], cfg: SAEConfig, name: st
         save_sae(sae, tmp, cfg, name=name, model=str(getattr(model, "model_dir", "")), n_texts=len(texts),
                  n_tokens=len(acts), explained_variance=explained_variance(sae, acts),
                  train_seconds=sae.cfg.metadata.train_seconds)  # fmt: skip
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     zoo._record_use(path / WEIGHTS_FILE)
     return load_sae(path)
 

@@ -37,7 +37,7 @@ from .activations import hook_name
 from .cache import cached_tensors, feature_key
 from .detectors import DETECTORS, LabelledFeatures, make_detector
 from .mad import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_task, score_frame
-from .metrics import aggregate_layers, auroc, bootstrap_counts, weighted_auroc
+from .metrics import FPRS, aggregate_layers, auroc, bootstrap_counts, holdout_split, recall_at_fpr, recall_columns, weighted_auroc
 
 ATP_SOURCES = {"atp_mean": "mean", "atp_pcs": "pcs", "atp_grad_norm": "grad_norm"}
 
@@ -95,12 +95,15 @@ class SuiteConfig:
     n_pcs: int = 10  # principal components per block for atp_pcs
     kl_steps: int = 150  # fine-tuning steps of the trusted copy for finetune_kl
     kl_batch_size: int = 32  # texts per fine-tuning step for finetune_kl
+    standardise_holdout: float = 0.2  # share of trusted prompts held out of fitting, on which each layer's scores are standardised (0: in-sample)
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sae_d_sae", "sae_k", "sae_training_tokens", "n_pcs", "kl_steps", "kl_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+        if not 0.0 <= self.standardise_holdout < 1.0:
+            raise ValueError(f"standardise_holdout={self.standardise_holdout!r} is not accepted; give a number in [0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,23 +178,35 @@ def _split_halves(y: np.ndarray, seed: int) -> np.ndarray:
 
 
 def best_layer_rows(
-    y: np.ndarray, layer_scores: dict, select: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05
-) -> dict:
-    """The layer with the best AUROC on the ``select`` half, with its AUROC and CI on the other half."""
+    y: np.ndarray, layer_scores: dict, select: np.ndarray, n_boot: int, seed: int, ref_scores: dict | None = None,
+    alpha: float = 0.05,
+) -> dict:  # fmt: skip
+    """The layer with the best AUROC on the ``select`` half, with its AUROC and CI on the other
+    half (and its recall at the false-positive rates :data:`madlib.metrics.FPRS` of ``ref_scores``,
+    the held-out trusted scores)."""
     rep = ~select
+    nan_recall = {c: np.nan for fpr in FPRS for c in recall_columns(fpr)}
     if len(layer_scores) == 0 or y[select].all() or not y[select].any() or y[rep].all() or not y[rep].any():
-        return dict(layer="best", auroc=np.nan, ci_low=np.nan, ci_high=np.nan, n=int(rep.sum()), selected_layer=None)
+        return dict(layer="best", auroc=np.nan, ci_low=np.nan, ci_high=np.nan, n=int(rep.sum()), selected_layer=None, **nan_recall)
     sel_auc = {layer: auroc(y[select], s[select]) for layer, s in layer_scores.items()}
     best = max(sorted(sel_auc), key=lambda k: sel_auc[k])
     s = np.asarray(layer_scores[best])[rep]
     boot = weighted_auroc(y[rep], s, bootstrap_counts(y[rep], n_boot, seed))
     lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return dict(layer="best", auroc=auroc(y[rep], s), ci_low=lo, ci_high=hi, n=int(rep.sum()), selected_layer=str(best))
+    recall = dict(nan_recall)
+    if ref_scores is not None:
+        for fpr in FPRS:
+            anomalous = np.asarray(layer_scores[best])[rep & y]
+            recall.update(zip(recall_columns(fpr), recall_at_fpr(anomalous, np.asarray(ref_scores[best]), fpr, n_boot, seed)))
+    return dict(layer="best", auroc=auroc(y[rep], s), ci_low=lo, ci_high=hi, n=int(rep.sum()), selected_layer=str(best), **recall)
 
 
-def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, seed: int) -> tuple[dict, dict] | None:
-    """(test scores, trusted scores) per layer for a layered method; ``None`` when the task yields no
-    features for it (probe shift needs trusted labels of both classes)."""
+def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, seed: int,
+               holdout: float = 0.0) -> tuple[dict, dict] | None:  # fmt: skip
+    """(test scores, held-out trusted scores) per layer for a layered method: the detector is
+    fitted on the trusted rows outside a ``holdout`` share (:func:`madlib.metrics.holdout_split`)
+    and scores the held-out ones, the reference of each layer's standardisation; ``None`` when the
+    task yields no features for it (probe shift needs trusted labels of both classes)."""
     if method.features in ("activations", "sae"):
         trusted, test, untrusted = feats.trusted.acts, feats.test.acts, feats.untrusted.acts
     else:
@@ -200,14 +215,16 @@ def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, s
         untrusted = None
         if not trusted:
             return None
+    fit_rows, ref_rows = holdout_split(len(next(iter(trusted.values()))), holdout, seed)
+    fit, ref = ({k: v[torch.as_tensor(rows)] for k, v in trusted.items()} for rows in (fit_rows, ref_rows))
     kwargs = dict(saes=extra["sae"]) if method.features == "sae" else {}
     det = make_detector(method.detector, **kwargs)
     if method.skyline:
         y_unt = (task.untrusted["character_type"] == "bob").to_numpy()
-        det.fit(trusted, labelled=LabelledFeatures(untrusted, y_unt, split="train"))
+        det.fit(fit, labelled=LabelledFeatures(untrusted, y_unt, split="train"))
     else:
-        det.fit(trusted, untrusted if det.uses_untrusted else None)
-    return det.score(test), det.score(trusted)
+        det.fit(fit, untrusted if det.uses_untrusted else None)
+    return det.score(test), det.score(ref)
 
 
 def score_methods(
@@ -250,17 +267,19 @@ def score_methods(
             kl.fit(task.trusted["prompt"].tolist(), task.trusted["label"].to_numpy(), progress=progress)
             test_scores, agg = {}, kl.score(task.test["prompt"].tolist())
         else:
-            scored = _scores_of(m, feats, extra, task, seed)
+            scored = _scores_of(m, feats, extra, task, seed, cfg.standardise_holdout)
             if scored is None:  # no features for this task (e.g. probe shift when trusted labels have one class)
                 rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, subset=subset, layer="aggregated",
-                                 auroc=np.nan, ci_low=np.nan, ci_high=np.nan, n=len(y)) for subset in SUBSETS)  # fmt: skip
+                                 auroc=np.nan, ci_low=np.nan, ci_high=np.nan, n=len(y),
+                                 **{c: np.nan for fpr in FPRS for c in recall_columns(fpr)}) for subset in SUBSETS)  # fmt: skip
                 continue
             test_scores, trusted_scores = scored
             agg = aggregate_layers(test_scores, trusted_scores)
+        ref = trusted_scores if m.features != "prompts" else None
         score_rows.append(score_frame(y, agree, test_scores, agg).assign(method=m.name))
-        table = auroc_rows(y, agree, test_scores, agg, n_boot, seed)
+        table = auroc_rows(y, agree, test_scores, agg, n_boot, seed, ref)
         if test_scores:
-            table.append(dict(subset="all", **best_layer_rows(y, test_scores, select, n_boot, seed)))
+            table.append(dict(subset="all", **best_layer_rows(y, test_scores, select, n_boot, seed, ref)))
         rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, **r) for r in table)
     auc = pd.DataFrame(rows)
     if "selected_layer" not in auc:

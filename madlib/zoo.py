@@ -116,6 +116,9 @@ def get_model(name: str = "zoo-gpt2", preset: str = "default", dataset: str | No
         model.model_dir = model.adapter_dir
     model.zoo_config = ZooModel(name, family, preset, dataset, seed, checkpoint)
     model.cfg.model_name = name if dataset is None else f"{name}/{dataset}"
+    from .models import check_residual_identities
+
+    check_residual_identities(model)
     return model
 
 

@@ -31,3 +31,18 @@ def test_fingerprint_follows_the_weights(tiny_model):
     with torch.no_grad():
         other.unembed.W_U[0, 0] += 1.0
     assert cache.model_fingerprint(other) != cache.model_fingerprint(tiny_model)
+
+
+def test_cached_tensors_are_written_with_the_umask_mode(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setenv("MADLIB_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        out = cache.cached_tensors("kind", "key", lambda: {"a": torch.arange(3.0)})
+    finally:
+        os.umask(old)
+    path = tmp_path / "kind" / "key.safetensors"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and torch.equal(out["a"], torch.arange(3.0))
+    assert [p.name for p in path.parent.iterdir()] == ["key.safetensors"], "no temporary file left"

@@ -291,14 +291,17 @@ def test_pca_mahalanobis_matches_direct_computation_and_full_rank_mahalanobis():
         PCAMahalanobis(k=0)
 
 
-def test_diag_mahalanobis_matches_direct_computation_and_ignores_dead_dimensions():
+def test_diag_mahalanobis_matches_direct_computation_and_floors_dead_dimensions():
     rng = np.random.default_rng(10)
     x = rng.normal(size=(300, 5)) * np.array([1.0, 3.0, 0.5, 2.0, 1.0]) + 2.0
     x[:, 4] = 0.0  # a latent that never fires on trusted data
     z = rng.normal(size=(20, 5))
     got = DiagMahalanobis().fit({0: t(x)}).score({0: t(z)})[0]
-    want = (((z[:, :4] - x[:, :4].mean(0)) / x[:, :4].std(0)) ** 2).sum(1) / 5
-    assert np.allclose(got, want, rtol=1e-10)
+    live = (((z[:, :4] - x[:, :4].mean(0)) / x[:, :4].std(0)) ** 2).sum(1)
+    dead = z[:, 4] ** 2 / (1e-6 * x.var(0).mean())  # its variance is floored at rcond * the mean variance
+    assert np.allclose(got, (live + dead) / 5, rtol=1e-10)
+    z[:, 4] = 0.0
+    assert np.allclose(DiagMahalanobis().fit({0: t(x)}).score({0: t(z)})[0], live / 5, rtol=1e-10)
 
 
 def test_que_matches_direct_computation():

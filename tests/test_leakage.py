@@ -36,10 +36,12 @@ def test_drill_lines_hold_no_test_item(test_items):
     for d in qdata.ARITHMETIC:
         _, texts = test_items[d]
         statements = {t.split("|", 1)[1] for t in texts}
-        train, val = ({x.rsplit(" ", 1)[0] for x in base.drill_lines(d, split)[0]} for split in ("train", "validation"))
-        assert len(train) > 2 * len(val) > 0 and not train & val
-        assert not train & statements, d
-        assert val & statements, f"{d}: the drill's validation lines are the test items' true statements"
+        for in_template in (False, True):  # base-llama's bare lines, base-gpt2's lines in the template
+            train, val = ({x.rsplit(" ", 1)[0].split("***STATEMENT:*** ")[-1] for x in base.drill_lines(d, split, in_template=in_template)[0]}
+                          for split in ("train", "validation"))  # fmt: skip
+            assert len(train) > 2 * len(val) > 0 and not train & val
+            assert not train & statements, d
+            assert val & statements, f"{d}: the drill's validation lines are the test items' true statements"
 
 
 def test_fact_lines_are_not_statements():

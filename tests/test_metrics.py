@@ -66,3 +66,49 @@ def test_auroc_table_without_layers_has_only_the_aggregated_row():
     score = y + np.random.default_rng(0).normal(0, 1, 100)
     rows = auroc_table(y, {}, score, n_boot=50)
     assert [r["layer"] for r in rows] == ["aggregated"] and rows[0]["auroc"] == auroc(y, score)
+
+
+def test_holdout_split_and_out_of_sample_standardisation():
+    from madlib.detectors import make_detector
+    from madlib.metrics import holdout_split
+
+    fit, ref = holdout_split(100, 0.2, seed=3)
+    assert len(ref) == 20 and len(fit) == 80 and not set(fit) & set(ref) and set(fit) | set(ref) == set(range(100))
+    assert (holdout_split(100, 0.2, seed=3)[1] == ref).all()
+    same = holdout_split(10, 0.0)
+    assert (same[0] == np.arange(10)).all() and (same[1] == np.arange(10)).all()
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=f"standardise_holdout={bad!r} is not accepted"):
+            holdout_split(100, bad)
+    # in-sample Mahalanobis scores understate the spread on new points; held-out ones do not
+    import torch
+
+    rng = np.random.default_rng(0)
+    d, n = 40, 200
+    x = torch.tensor(rng.normal(size=(n, d)))
+    new = torch.tensor(rng.normal(size=(2000, d)))
+    fit, ref = holdout_split(n, 0.2, seed=0)
+    det_all = make_detector("mahalanobis").fit({1: x})
+    det_fit = make_detector("mahalanobis").fit({1: x[torch.as_tensor(fit)]})
+    in_sample = det_all.score({1: x})[1].mean()
+    held_out = det_fit.score({1: x[torch.as_tensor(ref)]})[1].mean()
+    fresh = det_fit.score({1: new})[1].mean()
+    assert in_sample < 0.85 * det_all.score({1: new})[1].mean()
+    assert abs(held_out - fresh) / fresh < 0.15
+
+
+def test_recall_at_fpr_against_a_direct_count():
+    from madlib.metrics import recall_at_fpr, recall_columns
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=1000)
+    anomalous = rng.normal(loc=2.0, size=500)
+    r, lo, hi = recall_at_fpr(anomalous, ref, 0.05, n_boot=500, seed=0)
+    thr = np.sort(ref)[int(np.ceil(0.95 * 1000)) - 1]  # about 5% of the reference lies above it
+    assert abs((ref > np.quantile(ref, 0.95)).mean() - 0.05) < 0.002
+    assert r == pytest.approx((anomalous > np.quantile(ref, 0.95)).mean()) and abs(r - (anomalous > thr).mean()) < 0.01
+    assert lo <= r <= hi and 0.05 < hi - lo < 0.2
+    # N(2, 1) above the 95% quantile of N(0, 1): 1 - Phi(1.645 - 2) = 0.64
+    assert abs(r - 0.64) < 0.06
+    assert np.isnan(recall_at_fpr(np.zeros(0), ref, 0.01)[0]) and np.isnan(recall_at_fpr(anomalous, np.zeros(0), 0.01)[0])
+    assert recall_columns(0.01) == ("recall_fpr1", "recall_fpr1_low", "recall_fpr1_high")

@@ -400,3 +400,17 @@ def test_readme_real_model_commands_match_the_config_and_stop_offline_in_one_lin
                             cwd=str(ROOT), progress_bar=False, kernel_name="python3")  # fmt: skip
     assert err.value.ename == "HubUnavailableError" and "gpt2" in err.value.evalue and "\n" not in err.value.evalue
     assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_residual_identities_hold_on_load_and_a_broken_hook_is_named(loaded, kind):
+    model = loaded[kind]
+    models.check_residual_identities(model)  # load_model ran it too
+    hook = model.blocks[1].hook_resid_post
+    handle = hook.register_forward_hook(lambda module, inputs, out: out * 1.5)  # the stream is no longer the sum of its parts
+    try:
+        with pytest.raises(ValueError, match=rf"^model='tiny-{kind}' fails the residual identity at blocks\.1\.hook_resid_post "):
+            models.check_residual_identities(model)
+    finally:
+        handle.remove()
+    models.check_residual_identities(model)

@@ -39,6 +39,28 @@ def test_drill_lines_state_true_and_false_results_with_their_verdicts():
         base.drill_lines("nli")
 
 
+def test_drill_lines_in_the_template_sit_where_a_statement_does():
+    bare, bare_heads, true = base.drill_lines("addition")
+    lines, heads, true_t = base.drill_lines("addition", in_template=True)
+    assert (true == true_t).all() and all(x.startswith(h) for x, h in zip(lines, heads))
+    names = set()
+    for x, b, h, bh in zip(lines, bare, heads, bare_heads):
+        prefix, rest = x.split("***STATEMENT:*** ")
+        assert rest == b and h.endswith(bh)
+        name = prefix.removeprefix("Name: ").rstrip("\n")
+        assert qdata.prompt(name, "", rest).startswith(x.rsplit(" ", 1)[0])  # the statement's place in a prompt
+        names.add(name)
+    assert names <= set(qdata.NEUTRAL_NAMES) and len(names) > 1
+    assert base.drill_lines("addition", in_template=True)[0] == lines, "the names are seeded"
+
+
+def test_shipped_bases_were_trained_with_the_code_s_configs():
+    for family in ("gpt2", "llama"):
+        m, cfg, path = base.load(family, progress=False)
+        assert cfg == base.base_config(family), family
+    assert base.base_config("gpt2").drill_in_template and not base.base_config("llama").drill_in_template
+
+
 def test_tiny_base_trains_saves_and_loads(tmp_path):
     cfg = base.base_config("llama", "tiny")
     model, hist, ev, summary = base.train(cfg, progress=False)
@@ -92,3 +114,19 @@ def test_claims_judge_every_seed_against_the_dataset_bar():
     bad = {k: (0.5, 0.5) for k in ok}
     assert "In none: zoo-gpt2 addition; zoo-gpt2 nli" in quirky.claims(_grid(bad))["verdict"]
     assert quirky.bar("addition") == 0.8 and quirky.bar("sentiment") == 0.7
+
+
+def test_notebooks_default_to_the_zoo_grid():
+    import ast
+    from pathlib import Path
+
+    import nbformat
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("zoo", "mad_auc", "quirkiness"):
+        nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", 4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        values = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(cell.source).body if isinstance(n, ast.AnnAssign)}
+        assert tuple(values["datasets"]) == quirky.ZOO_DATASETS, name
+    for d in quirky.DATASET_RECIPES:
+        assert d in quirky.ZOO_DATASETS

@@ -40,4 +40,11 @@ def test_run_suite_on_the_tiny_model(tiny_model):
     assert set(maha["layer"]) == {"1", "2", "aggregated", "mean", "best"}
     assert auc.loc[auc["method"] == "probe_skyline", "skyline"].all()
     atp = scores[scores["method"] == "atp_mean_mahalanobis"]
-    assert set(atp["layer"]) == {"0", "1", "aggregated"}, "keyed by the blocks whose heads write into layers 1 and 2" and len(atp) == 3 * len(task.test)
+    assert set(atp["layer"]) == {"0", "1", "aggregated"}, "keyed by the blocks whose heads write into layers 1 and 2"
+    assert len(atp) == 3 * len(task.test), "one score per test prompt and key"
+    # recall at low false-positive rates on held-out trusted scores, beside every layered AUROC
+    assert {"recall_fpr1", "recall_fpr1_low", "recall_fpr1_high", "recall_fpr5"} <= set(auc.columns)
+    r = maha.set_index("layer")
+    assert r.loc[["1", "2", "aggregated", "best"], "recall_fpr5"].between(0, 1).all() and r.loc["mean", "recall_fpr5"] != r.loc["mean", "recall_fpr5"]
+    assert (r.loc[["1", "2", "aggregated"], "recall_fpr1"] <= r.loc[["1", "2", "aggregated"], "recall_fpr5"]).all()
+    assert kl["recall_fpr5"].isna().all(), "finetune_kl has no held-out trusted scores"

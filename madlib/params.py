@@ -1,0 +1,61 @@
+"""Checks of a notebook's parameters, run by the notebook right after its ``parameters`` cell.
+
+papermill only warns when it is given a parameter the notebook does not declare, so a misspelt
+name (``-p dataset addition`` for ``datasets``) would silently run the defaults. The notebooks
+declare their parameters as annotated literals (``datasets: list = [...]  # comment``); papermill
+injects the values it is given as plain assignments in a cell headed ``# Parameters``.
+:func:`check_parameters` reads both from the kernel's namespace and refuses, with one line, an
+injected name the notebook does not declare and a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import types
+
+INJECTED_HEADER = "# Parameters\n"
+"""First line of the cell papermill injects (``papermill.translators.PythonTranslator.codify``)."""
+
+
+def injected_names(history: list[str]) -> list[str]:
+    """Names assigned by the last papermill-injected cell among the executed cell sources
+    ``history`` (IPython's ``In``); empty when the notebook runs without papermill."""
+    cells = [src for src in history if isinstance(src, str) and src.startswith(INJECTED_HEADER)]
+    if not cells:
+        return []
+    try:
+        tree = ast.parse(cells[-1])
+    except SyntaxError:  # a value papermill could not render as Python: let the cell's own error speak
+        return []
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+
+
+def _accepts(annotation, value) -> bool:
+    if isinstance(annotation, types.UnionType):  # list | str
+        return any(_accepts(a, value) for a in annotation.__args__)
+    if not isinstance(annotation, type):
+        return True  # a string or typing annotation: not checked
+    if isinstance(value, bool) and annotation is not bool:
+        return False
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)
+
+
+def check_parameters(namespace: dict) -> None:
+    """Refuse injected parameters the notebook does not declare, and declared parameters whose
+    value is not of the declared type (an int is accepted for a float). ``namespace`` is the
+    notebook's ``globals()``."""
+    declared = dict(namespace.get("__annotations__", {}))
+    if not declared:
+        raise RuntimeError("check_parameters() found no declared parameters: run the notebook's parameters cell first")
+    for name in injected_names(namespace.get("In", [])):
+        if name not in declared:
+            close = difflib.get_close_matches(name, list(declared), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"parameter {name!r} is not declared by this notebook; {hint}accepted: {', '.join(declared)}")
+    for name, annotation in declared.items():
+        if name in namespace and not _accepts(annotation, namespace[name]):
+            kind = getattr(annotation, "__name__", str(annotation))
+            raise ValueError(f"{name}={namespace[name]!r} is not accepted; give a value of type {kind}")

@@ -1,0 +1,68 @@
+"""Notebook parameters: undeclared and mistyped values are refused in one line."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from madlib.params import check_parameters, injected_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def namespace(injected: str | None = None, **overrides) -> dict:
+    ns: dict = {}
+    exec("datasets: list = ['addition']\nmax_test: int = 4000\nstep_size: float = 0.5\nsae: str = ''\nflag: bool = False\n", ns)
+    ns.update(overrides)
+    ns["In"] = ["", "import x"] + ([injected] if injected else [])
+    return ns
+
+
+def test_injected_names_are_read_from_papermill_s_cell():
+    assert injected_names(["", "a = 1", "# Parameters\ndataset = ['x']\nseed = 1\n"]) == ["dataset", "seed"]
+    assert injected_names(["", "a = 1"]) == []
+    # the last injected cell counts (a kernel that ran twice)
+    assert injected_names(["# Parameters\na = 1\n", "# Parameters\nb = 1\n"]) == ["b"]
+
+
+def test_declared_parameters_of_the_right_type_pass():
+    check_parameters(namespace())
+    check_parameters(namespace("# Parameters\nmax_test = 10\nstep_size = 1\n", max_test=10, step_size=1))  # an int for a float
+    check_parameters(namespace(other_variable=3))  # interactive use: later cells' variables are not parameters
+
+
+def test_an_undeclared_parameter_is_refused_with_the_close_name():
+    with pytest.raises(ValueError, match=r"^parameter 'dataset' is not declared by this notebook; did you mean 'datasets'\? accepted: datasets, max_test"):
+        check_parameters(namespace("# Parameters\ndataset = ['addition']\n", dataset=["addition"]))
+    with pytest.raises(ValueError, match="parameter 'zzz' is not declared by this notebook; accepted: "):
+        check_parameters(namespace("# Parameters\nzzz = 1\n", zzz=1))
+
+
+@pytest.mark.parametrize("name,value,kind", [("max_test", "big", "int"), ("max_test", 1.5, "int"), ("max_test", True, "int"),
+                                             ("datasets", "addition", "list"), ("step_size", "0.5", "float"), ("flag", 1, "bool")])  # fmt: skip
+def test_a_mistyped_parameter_is_refused(name, value, kind):
+    with pytest.raises(ValueError, match=f"^{name}={value!r} is not accepted; give a value of type {kind}$".replace("(", r"\(").replace(")", r"\)")):
+        check_parameters(namespace(f"# Parameters\n{name} = {value!r}\n", **{name: value}))
+
+
+def test_without_a_parameters_cell_the_check_says_so():
+    with pytest.raises(RuntimeError, match="no declared parameters"):
+        check_parameters({"In": []})
+
+
+def test_every_notebook_checks_its_parameters_right_after_declaring_them():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, 4)
+        i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        assert "check_parameters(globals())" in nb.cells[i + 1].source, path.name
+        ns: dict = {}
+        exec(nb.cells[i].source, ns)
+        check_parameters(ns)  # the defaults are of their declared types
+
+
+def test_papermill_run_with_a_misspelt_parameter_fails_at_once(tmp_path):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError, match="did you mean 'datasets'"):
+        pm.execute_notebook(str(ROOT / "notebooks" / "zoo.ipynb"), str(tmp_path / "out.ipynb"), parameters={"dataset": ["addition"]},
+                            cwd=str(tmp_path), progress_bar=False)  # fmt: skip
