@@ -68,6 +68,8 @@ class PerturbConfig:
     anchor_cosine: float = 0.42  # structured: target decoder cosine between the top latent and the anchor
     ms_threshold: float = 0.02  # max-slope rule: no difference above this means the last step
     plateau_frac: float = 0.2  # plateau threshold as a fraction of the median L2 at the end of real relative paths
+    plateau_step: float = 0.5  # the reference rule's plateau walks: step length in absolute units
+    plateau_l2: float = 20.0  # the reference rule: a plateau ends at the first step where L2 >= this
     batch_size: int = 1024  # path points per forward pass
     seed: int = 0  # prompts, targets, synthetic latents, plateau directions
 
@@ -93,6 +95,9 @@ class PerturbConfig:
             raise ValueError(f"ms_threshold={self.ms_threshold!r} is not accepted; give a finite positive number")
         if not (_finite(self.plateau_frac) and self.plateau_frac > 0):
             raise ValueError(f"plateau_frac={self.plateau_frac!r} is not accepted; give a finite positive fraction")
+        for name in ("plateau_step", "plateau_l2"):
+            if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a finite positive number")
 
 
 def _integer(value) -> bool:
@@ -579,6 +584,10 @@ def run_experiment(
             make_paths(s, built["directions"][k], "absolute", cfg.n_steps, built["step_size"], stop_at_target=False)
         )
         keys.append(("plateau", "absolute", t))
+    for k, t in enumerate(TARGET_TYPES):  # the reference rule: the same directions in steps of plateau_step
+        blocks.append(make_paths(built["starts"][t], built["directions"][k], "absolute", cfg.n_steps, cfg.plateau_step,
+                                 stop_at_target=False))  # fmt: skip
+        keys.append(("plateau_reference", "absolute", t))
     t1 = time.perf_counter()
     out = run_paths(
         model,
@@ -606,20 +615,22 @@ def run_experiment(
     )
     end_l2 = curves[("perturb", "relative", "real", "l2")][:, -1]
     threshold = cfg.plateau_frac * float(np.median(end_l2))
+    rules = {"plateau": ("relative", threshold, built["step_size"]), "plateau_reference": ("reference", cfg.plateau_l2, cfg.plateau_step)}
     plateaus = pd.DataFrame(
         [
             dict(
                 model=model_name,
+                rule=rules[exp][0],
                 start_type=t,
                 plateau_length=int(s),
-                threshold=threshold,
-                step_size=built["step_size"],
+                threshold=rules[exp][1],
+                step_size=rules[exp][2],
                 perturbation=i,
                 seed=cfg.seed,
             )
             for (exp, mode, t, metric), c in curves.items()
-            if exp == "plateau" and metric == "l2"
-            for i, s in enumerate(plateau_length(c, threshold))
+            if exp in rules and metric == "l2"
+            for i, s in enumerate(plateau_length(c, rules[exp][1]))
         ]
     )
     info = dict(
@@ -642,7 +653,9 @@ def run_experiment(
 def ordering(ks: pd.DataFrame, plateaus: pd.DataFrame) -> dict:
     """The seed's orderings, checked per mode and metric: real MS steps earliest of the four main
     types, random latest, structured closer to real than baseline (smaller KS); real plateaus longest
-    (with each start type's mean plateau length and the KS statistic of its lengths against real's)."""
+    (with each start type's mean plateau length and the KS statistic of its lengths against real's),
+    under each plateau rule of ``plateaus`` (keys of the ``reference`` rule end in ``_reference``);
+    a tie for the longest is not "real longest"."""
     from scipy.stats import ks_2samp
 
     rows = []
@@ -659,17 +672,18 @@ def ordering(ks: pd.DataFrame, plateaus: pd.DataFrame) -> dict:
                 structured_closer=bool(m.loc["structured", "ks"] < m.loc["baseline", "ks"]),
             )
         )
-    by_type = plateaus.groupby("start_type")["plateau_length"]
-    mean_plateau = by_type.mean()
-    real = by_type.get_group("real").to_numpy()
-    plateau_ks = pd.Series({t: ks_2samp(g.to_numpy(), real).statistic for t, g in by_type if t != "real"})
-    main = mean_plateau.loc[["real", "random", "baseline", "structured"]]
-    return dict(
-        table=pd.DataFrame(rows),
-        real_plateau_longest=bool(main.idxmax() == "real"),
-        mean_plateau=mean_plateau,
-        plateau_ks=plateau_ks,
-    )
+    out = dict(table=pd.DataFrame(rows))
+    rules = plateaus["rule"] if "rule" in plateaus else pd.Series("relative", index=plateaus.index)
+    for rule in dict.fromkeys(rules):
+        by_type = plateaus[rules == rule].groupby("start_type")["plateau_length"]
+        mean_plateau = by_type.mean()
+        real = by_type.get_group("real").to_numpy()
+        main = mean_plateau.loc[["real", "random", "baseline", "structured"]]
+        suffix = "" if rule == "relative" else f"_{rule}"
+        out[f"real_plateau_longest{suffix}"] = bool(main.idxmax() == "real" and (main < main["real"]).sum() == len(main) - 1)
+        out[f"mean_plateau{suffix}"] = mean_plateau
+        out[f"plateau_ks{suffix}"] = pd.Series({t: ks_2samp(g.to_numpy(), real).statistic for t, g in by_type if t != "real"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,7 +799,8 @@ def plateau_figure(res: PerturbResult):
     for t in TARGET_TYPES:
         c = res.curves[("plateau", "absolute", t, "l2")]
         ax1.plot(np.median(c, axis=0), color=COLORS[t], label=t)
-        x = np.sort(res.plateaus.loc[res.plateaus["start_type"] == t, "plateau_length"].to_numpy())
+        rows = (res.plateaus["start_type"] == t) & (res.plateaus["rule"] == "relative")
+        x = np.sort(res.plateaus.loc[rows, "plateau_length"].to_numpy())
         ax2.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], label=t)
     ax1.axhline(res.info["plateau_threshold"], color="grey", ls=":", label="plateau threshold")
     ax1.set(xlabel="step (fixed length, random direction)", ylabel="median L2 distance, final-layer residual")

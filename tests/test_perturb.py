@@ -112,6 +112,11 @@ def test_ks_table_and_ordering():
     assert o["table"][["real_earliest", "random_latest", "structured_closer"]].all(axis=None)
     assert o["real_plateau_longest"] and o["mean_plateau"]["real"] == 15
     assert o["plateau_ks"].to_dict() == {t: 1.0 for t in ("baseline", "random", "reconstruction", "structured")}
+    # both plateau rules are judged, and a tie for the longest is not "real longest"
+    both = pd.concat([plateaus.assign(rule="relative"), plateaus.assign(rule="reference", plateau_length=100)])
+    o = perturb.ordering(ks, both)
+    assert o["real_plateau_longest"] and not o["real_plateau_longest_reference"]
+    assert (o["mean_plateau_reference"] == 100).all() and o["mean_plateau"]["real"] == 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +323,14 @@ def test_run_experiment_tiny(tiny_model):
     assert set(res.ms.columns) >= {"model", "target_type", "mode", "metric", "ms_step", "seed"}
     assert len(res.ms) == 6 * len(perturb.TARGET_TYPES) * len(perturb.MODES) * len(perturb.METRICS)
     assert res.ms["ms_step"].between(0, 10).all()
-    assert len(res.plateaus) == 6 * len(perturb.TARGET_TYPES) and res.plateaus["plateau_length"].between(0, 10).all()
+    assert len(res.plateaus) == 2 * 6 * len(perturb.TARGET_TYPES) and res.plateaus["plateau_length"].between(0, 10).all()
+    ref = res.plateaus[res.plateaus["rule"] == "reference"]
+    assert len(ref) == 6 * len(perturb.TARGET_TYPES) and (ref["threshold"] == 20.0).all() and (ref["step_size"] == 0.5).all()
+    # the reference walks take the same directions in steps of 0.5: their L2 at step j is the relative walks' at a shorter distance
+    for t in perturb.TARGET_TYPES:
+        c = res.curves[("plateau_reference", "absolute", t, "l2")]
+        assert c.shape == (6, 11) and (c[:, 0] == 0).all()
+        assert (perturb.plateau_length(c, 20.0) == ref.loc[ref["start_type"] == t, "plateau_length"].to_numpy()).all()
     for c in res.curves.values():  # step 0 of every path is its start
         assert (c[:, 0] == 0).all() and c.shape == (6, 11)
     assert res.info["step_size"] > 0 and res.info["plateau_threshold"] > 0
