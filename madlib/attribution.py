@@ -47,10 +47,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data as qdata
-from .activations import Extraction, hook_name, resolve_layers
+from .activations import Extraction, encode_prompts, hook_name, resolve_layers
 from .finetune import FinetuneConfig, cached_finetune
 from .mad import MadFeatures, MadTask
-from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 from .zoo import pad_batch
 
 ABLATIONS = ("mean", "pcs", "grad_norm")
@@ -90,24 +89,21 @@ class AttributionFeatures:
         return len(self.log_odds)
 
 
-def _check_tokenizer(model) -> None:
-    n_vocab = build_tokenizer().get_vocab_size()
-    if model.cfg.d_vocab < n_vocab:
-        raise ValueError(
-            f"model with d_vocab={model.cfg.d_vocab} is not accepted; it must read madlib's tokenizer "
-            f"({n_vocab} tokens)"
-        )
-
-
-def _batches(prompts: list[str], batch_size: int, desc: str, progress: bool):
-    """Right-padded batches (sorted by length) with each prompt's index and last position."""
-    tok = build_tokenizer()
-    seqs = encode(list(prompts), tok)
+def _batches(model, prompts: list[str], batch_size: int, desc: str, progress: bool):
+    """Right-padded batches (sorted by length) of the prompts in ``model``'s own tokenization
+    (:func:`madlib.activations.encode_prompts`, as activation extraction reads them), with each
+    prompt's index and last position."""
+    seqs, pad_id, _ = encode_prompts(model, list(prompts))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for start in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=not progress, mininterval=1):
         idx = order[start : start + batch_size]
-        tokens, lengths = pad_batch([seqs[i] for i in idx], tok.token_to_id(PAD))
+        tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
         yield torch.as_tensor(idx), tokens, lengths - 1
+
+
+def model_answer_ids(model) -> tuple[int, int]:
+    """The ids of `` No`` and `` Yes`` as ``model``'s tokenizer writes them after a prompt."""
+    return encode_prompts(model, [])[2]
 
 
 class Attribution:
@@ -120,14 +116,13 @@ class Attribution:
         f = atp.features(test_prompts)          # f.effects: {block: [n, n_heads]}, f.probe: {layer: ...}
 
     Args:
-        model: a ``HookedTransformer`` reading madlib's tokenizer (a zoo model or a copy).
+        model: a ``HookedTransformer`` with its tokenizer (a zoo model, or a model of :func:`madlib.models.load_model`).
         cfg: the ablation and batch settings.
         blocks: blocks whose heads give AtP features; ``None`` or ``[]`` means every block.
         probe_layers: residual layers with a probe (1..n_layers); ``None`` or ``[]`` means every layer.
     """
 
     def __init__(self, model, cfg: AttributionConfig = AttributionConfig(), blocks=None, probe_layers=None):
-        _check_tokenizer(model)
         n = model.cfg.n_layers
         self.model, self.cfg = model, cfg
         self.blocks = list(range(n)) if not blocks else [int(b) for b in blocks]
@@ -165,7 +160,7 @@ class Attribution:
         moments = {b: StreamingMoments(nh * dh) for b in z_hooks.values()}
         resid: dict[int, list[Tensor]] = {layer: [] for layer in r_hooks.values()}
         order = []
-        for idx, tokens, last in _batches(prompts, self.cfg.batch_size, "trusted attribution statistics", progress):
+        for idx, tokens, last in _batches(self.model, prompts, self.cfg.batch_size, "trusted attribution statistics", progress):
             rows = torch.arange(len(idx))
             store = {}
 
@@ -232,7 +227,7 @@ class Attribution:
         if self.n_trusted == 0:
             raise ValueError("this Attribution is not fitted; call fit(trusted_prompts, trusted_labels) first")
         model = self.model
-        no_id, yes_id = answer_ids()
+        no_id, yes_id = model_answer_ids(model)
         blocks = self._needed_blocks(bool(self.probes))
         z_hooks = {f"blocks.{b}.attn.hook_z": b for b in blocks}
         r_hooks = {hook_name(layer, model.cfg.n_layers): layer for layer in self.probes}
@@ -243,7 +238,7 @@ class Attribution:
         def track(act, hook):  # make the graph start here whether or not the weights require grad
             return act if act.requires_grad else act.detach().requires_grad_(True)
 
-        for idx, tokens, last in _batches(prompts, self.cfg.batch_size, desc, progress):
+        for idx, tokens, last in _batches(model, prompts, self.cfg.batch_size, desc, progress):
             rows = torch.arange(len(idx))
             store = {}
 
@@ -320,9 +315,8 @@ def last_token_logits(
     model, prompts: list[str], batch_size: int = 128, progress: bool = False
 ) -> Float[Tensor, "n vocab"]:
     """Next-token logits at each prompt's last token (float64, in the prompts' order)."""
-    _check_tokenizer(model)
     out, order = [], []
-    for idx, tokens, last in _batches(prompts, batch_size, "last-token logits", progress):
+    for idx, tokens, last in _batches(model, prompts, batch_size, "last-token logits", progress):
         logits = model(tokens.to(model.cfg.device), return_type="logits")
         out.append(logits[torch.arange(len(idx)), last].to(torch.float64).cpu())
         order.append(idx)
@@ -339,7 +333,9 @@ def answer_kl(
     qdata._check_choice("over", over, KL_OVER)
     lp, lq = (last_token_logits(m, prompts, batch_size, progress) for m in (model_p, model_q))
     if over == "answers":
-        ids = list(answer_ids())
+        ids = list(model_answer_ids(model_p))
+        if ids != list(model_answer_ids(model_q)):
+            raise ValueError("model_q is not accepted; it does not share model_p's answer tokens")
         lp, lq = lp[:, ids], lq[:, ids]
     logp, logq = lp.log_softmax(-1), lq.log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1).numpy()

@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import zoo
+from .activations import encode_prompts
 from .cache import model_fingerprint
 from .paths import model_cache_dir, replace_dir
-from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,13 @@ def finetune(
 
 
 def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: str):
-    tok = build_tokenizer()
-    pad_id = tok.token_to_id(PAD)
-    no_id, yes_id = answer_ids(tok)
-    seqs = encode(list(texts), tok)
-    too_long = max(len(s) for s in seqs)
-    if too_long > model.cfg.n_ctx:
-        raise ValueError(f"texts are not accepted: the longest has {too_long} tokens, more than n_ctx={model.cfg.n_ctx}")
-    y = None if labels is None else torch.tensor(np.where(labels == 1, yes_id, no_id))
+    # the model's own tokenization and answer tokens, as activation extraction reads prompts
+    try:
+        seqs, pad_id, (no_id, yes_id) = encode_prompts(model, list(texts))
+    except ValueError as e:  # a text longer than the model's context
+        raise ValueError(f"texts are not accepted: {e}") from None
+    device = model.cfg.device
+    y = None if labels is None else torch.tensor(np.where(labels == 1, yes_id, no_id), device=device)
     ft = copy.deepcopy(model)
     ft.train()
     opt = torch.optim.AdamW(ft.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -95,6 +94,7 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, mininterval=2):
         idx = torch.randint(len(seqs), (cfg.batch_size,), generator=gen)
         tokens, lengths = zoo.pad_batch([seqs[i] for i in idx], pad_id)
+        tokens = tokens.to(device)
         if y is None:
             logits = ft(tokens, return_type="logits")
             lm = zoo._next_token_loss(logits, tokens, lengths)

@@ -15,7 +15,7 @@ TRUSTED, TEST = PROMPTS[:14], PROMPTS[14:]
 
 
 def _model(init: float, seed: int = 0, family: str = "gpt2"):
-    """A tiny float64 transformer reading madlib's tokenizer, of either zoo family's architecture."""
+    """A tiny float64 transformer with madlib's tokenizer as its own, of either zoo family's architecture."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     arch = dict(act_fn="gelu_new", normalization_type="LN")
@@ -24,9 +24,14 @@ def _model(init: float, seed: int = 0, family: str = "gpt2"):
                     gated_mlp=True, final_rms=True)  # fmt: skip
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, n_ctx=64, d_vocab=build_tokenizer().get_vocab_size(),
-        dtype=torch.float64, seed=seed, initializer_range=init, default_prepend_bos=False, **arch,
+        dtype=torch.float64, seed=seed, initializer_range=init, default_prepend_bos=True, **arch,
     )  # fmt: skip
-    return HookedTransformer(cfg).eval()
+    from madlib.tokenizer import hf_tokenizer
+
+    model = HookedTransformer(cfg, tokenizer=hf_tokenizer(build_tokenizer())).eval()
+    # the model reads the prompts through its own tokenizer, which is madlib's
+    assert model.to_tokens(PROMPTS[0])[0].tolist() == encode([PROMPTS[0]])[0]
+    return model
 
 
 @pytest.fixture(scope="module")

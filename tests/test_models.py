@@ -414,3 +414,28 @@ def test_residual_identities_hold_on_load_and_a_broken_hook_is_named(loaded, kin
     finally:
         handle.remove()
     models.check_residual_identities(model)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_attribution_and_fine_tuning_read_a_hub_model_through_its_own_tokenizer(loaded, kind):
+    """AtP log-odds, the answer KL and the trusted fine-tune of a hub-format model use its own
+    tokenizer and answer tokens (its 400-token vocabulary is not madlib's)."""
+    from madlib.attribution import Attribution, AttributionConfig, answer_kl, model_answer_ids
+    from madlib.finetune import FinetuneConfig, finetune
+
+    model = loaded[kind]
+    no, yes = answer_token_ids(model.tokenizer)
+    assert model_answer_ids(model) == (no, yes) and model.cfg.d_vocab < 642
+    labels = np.array([i % 2 for i in range(len(PROMPTS))])
+    atp = Attribution(model, AttributionConfig(batch_size=2)).fit(PROMPTS, labels, progress=False)
+    feats = atp.features(PROMPTS, progress=False)
+    for i, p in enumerate(PROMPTS):
+        logits = model(model.to_tokens(p))[0, -1]
+        assert feats.log_odds[i].item() == pytest.approx((logits[yes] - logits[no]).item(), abs=1e-4)
+    assert set(feats.effects) == set(range(model.cfg.n_layers)) and all(torch.isfinite(v).all() for v in feats.effects.values())
+    ft, hist = finetune(model, PROMPTS, labels, FinetuneConfig(steps=3, batch_size=2, lr=1e-2), progress=False)
+    assert np.isfinite(hist["answer_loss"]).all()
+    kl = answer_kl(model, ft, PROMPTS, batch_size=2)
+    p_logits, q_logits = model(model.to_tokens(PROMPTS[0]))[0, -1], ft(ft.to_tokens(PROMPTS[0]))[0, -1]
+    p, q = (torch.softmax(x[[no, yes]].double(), -1) for x in (p_logits, q_logits))
+    assert kl[0] == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-3, abs=1e-7) and (kl > 0).all()
