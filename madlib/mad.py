@@ -207,3 +207,25 @@ def seed_claims(auc: pd.DataFrame, method: str = "mahalanobis", detected: float 
                          f"vs {k['arithmetic'].mean():.3f})")  # fmt: skip
     out["kinds"] = "; ".join(parts) + "." if parts else "Only one kind of dataset was analysed."
     return out
+
+
+def compare_methods(auc: pd.DataFrame, a: str, b: str, n_boot: int = 2000, seed: int = 0, task: str = "quirky",
+                    alpha: float = 0.05) -> dict:  # fmt: skip
+    """Method ``a`` against method ``b`` on the aggregated AUROC (all test prompts) of every
+    (model, dataset, fine-tuning seed) cell both ran on: the mean paired difference ``a - b``,
+    a percentile interval from resampling the cells, and a verdict that says "no difference"
+    when the interval covers zero. Keys ``diff, low, high, n_cells, verdict, text``; ``None``
+    when the two share no cell."""
+    sel = auc[(auc["layer"] == "aggregated") & (auc["subset"] == "all") & (auc["task"] == task) & auc["method"].isin([a, b])]
+    keys = [k for k in ("model", "dataset", "finetune_seed") if k in sel]
+    wide = sel.pivot_table(index=keys, columns="method", values="auroc").dropna()
+    if a not in wide or b not in wide or len(wide) == 0:
+        return None
+    d = (wide[a] - wide[b]).to_numpy()
+    rng = np.random.default_rng([seed, 17])
+    boot = d[rng.integers(len(d), size=(n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    verdict = f"{a} above {b}" if lo > 0 else f"{a} below {b}" if hi < 0 else "no difference"
+    text = (f"{a} minus {b}: {d.mean():+.3f} (95% interval {lo:+.3f} to {hi:+.3f}, {len(d)} cells): "
+            + (f"{a} scores higher" if lo > 0 else f"{a} scores lower" if hi < 0 else "no difference, the interval covers zero"))  # fmt: skip
+    return dict(diff=float(d.mean()), low=float(lo), high=float(hi), n_cells=len(d), verdict=verdict, text=text)

@@ -77,3 +77,22 @@ def test_seed_claims_judge_each_seed():
     table = mad.over_seeds(_auc_rows(bad))
     row = table[(table["dataset"] == "addition")].iloc[0]
     assert row["low"] == 0.7 and row["high"] == 0.99 and row["seeds"] == 3
+
+
+def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
+    from madlib import mad
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for ds in range(12):
+        base = rng.uniform(0.6, 0.9)
+        for method, shift in (("a", 0.05), ("b", 0.0), ("c", rng.normal(0, 0.02))):
+            rows.append(dict(model="m", dataset=f"d{ds}", finetune_seed=0, method=method, layer="aggregated", subset="all",
+                             task="quirky", auroc=base + shift))  # fmt: skip
+    auc = pd.DataFrame(rows)
+    ab = mad.compare_methods(auc, "a", "b")
+    assert ab["diff"] == pytest.approx(0.05) and ab["low"] == pytest.approx(0.05) and ab["verdict"] == "a above b"
+    assert mad.compare_methods(auc, "b", "a")["verdict"] == "b below a"
+    cb = mad.compare_methods(auc, "c", "b")
+    assert cb["low"] < 0 < cb["high"] and cb["verdict"] == "no difference" and "covers zero" in cb["text"]
+    assert mad.compare_methods(auc, "a", "missing") is None
