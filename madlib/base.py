@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as qdata
+from .codehash import code_hash
 from .paths import replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
 from .zoo import FAMILIES, _record_use, content_spans, final_resid, pad_batch, warmup_cosine
@@ -429,8 +430,7 @@ def _preset_key(family: str, preset: str) -> str:
     import hashlib
 
     h = hashlib.sha256(json.dumps(base_config(family, preset).to_dict(), sort_keys=True).encode())
-    for f in ("base.py", "data.py", "reading.py", "tokenizer.py", "zoo.py"):
-        h.update((Path(__file__).parent / f).read_bytes())
+    h.update(code_hash(__name__).encode())
     return h.hexdigest()[:12]
 
 

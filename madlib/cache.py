@@ -18,9 +18,9 @@ from typing import Callable
 from torch import Tensor
 
 from .activations import Extraction, extract
+from .codehash import code_hash
 from .paths import atomic_path, build_dir
 
-_HERE = Path(__file__).parent
 
 
 def cache_dir(kind: str) -> Path:
@@ -43,13 +43,13 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def feature_key(model, prompts: list[str], options: dict, sources: tuple[str, ...]) -> str:
-    """Key over the model's weights, the prompts, the options and the given madlib source files."""
+def feature_key(model, prompts: list[str], options: dict, modules: tuple[str, ...]) -> str:
+    """Key over the model's weights, the prompts, the options and the code of the given madlib
+    modules (their import closure, :func:`madlib.codehash.code_hash`)."""
     h = hashlib.sha256(model_fingerprint(model).encode())
     h.update(json.dumps(list(prompts)).encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
-    for s in sources:
-        h.update((_HERE / s).read_bytes())
+    h.update(code_hash(*modules).encode())
     return h.hexdigest()[:24]
 
 
@@ -71,7 +71,7 @@ def cached_extract(
 ) -> Extraction:
     """:func:`madlib.activations.extract`, cached on disk (the batch size does not enter the key: padded
     batches give each prompt its own activations, up to float rounding)."""
-    key = feature_key(model, prompts, dict(layers=sorted(layers)), ("activations.py", "tokenizer.py"))
+    key = feature_key(model, prompts, dict(layers=sorted(layers)), ("madlib.activations",))
 
     def compute() -> dict[str, Tensor]:
         ex = extract(model, prompts, layers, batch_size=batch_size, progress=progress, desc=desc)

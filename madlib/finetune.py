@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import zoo
 from .activations import encode_prompts
 from .cache import model_fingerprint
+from .codehash import code_hash
 from .paths import model_cache_dir, replace_dir
 
 
@@ -117,12 +118,12 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
 
 
 def finetune_key(model, texts: list[str], labels: np.ndarray | None, cfg: FinetuneConfig) -> str:
-    """Changes when the base weights, the data, the config or this file change."""
+    """Changes when the base weights, the data, the config or the code (:func:`madlib.codehash.code_hash`) change."""
     h = hashlib.sha256(model_fingerprint(model).encode())
     h.update(json.dumps(list(texts)).encode())
     h.update(b"none" if labels is None else np.asarray(labels, dtype=np.int64).tobytes())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
-    h.update(Path(__file__).read_bytes())
+    h.update(code_hash(__name__).encode())
     return h.hexdigest()[:16]
 
 

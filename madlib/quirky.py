@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from . import base as zbase
 from . import data as qdata
 from . import lora
+from .codehash import code_hash
 from .paths import model_cache_dir, replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 from .zoo import FAMILIES, _record_use, final_resid, pad_batch, warmup_cosine
@@ -132,10 +133,7 @@ def records(cfg: QuirkyConfig) -> pd.DataFrame:
 
 
 def _code_hash() -> str:
-    h = hashlib.sha256()
-    for f in ("quirky.py", "lora.py", "base.py", "data.py", "reading.py", "tokenizer.py", "zoo.py"):
-        h.update((Path(__file__).parent / f).read_bytes())
-    return h.hexdigest()
+    return code_hash(__name__)
 
 
 def cache_key(cfg: QuirkyConfig) -> str:

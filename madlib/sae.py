@@ -36,6 +36,7 @@ from . import zoo
 from .activations import encode_texts
 from .detectors import Detector, Features, Scores, batched, register
 from .cache import model_fingerprint
+from .codehash import code_hash
 from .paths import model_cache_dir, replace_dir
 from .tokenizer import encode
 
@@ -265,12 +266,12 @@ def load_sae(path: Path | str):
 
 
 def sae_key(model, hook_name: str, texts: list[str], cfg: SAEConfig) -> str:
-    """Changes when the model's weights, the hook, the texts, the config or this file change."""
+    """Changes when the model's weights, the hook, the texts, the config or the code (:func:`madlib.codehash.code_hash`) change."""
     h = hashlib.sha256(model_fingerprint(model).encode())
     h.update(hook_name.encode())
     h.update(json.dumps(list(texts)).encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
-    h.update(Path(__file__).read_bytes())
+    h.update(code_hash(__name__).encode())
     return h.hexdigest()[:16]
 
 

@@ -121,7 +121,7 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
     trusted, test = task.trusted["prompt"].tolist(), task.test["prompt"].tolist()
     labels = task.trusted["label"].to_numpy()
     options = dict(cfg=asdict(acfg), blocks=blocks, probe_layers=probe_layers, labels=labels.tolist(), n_trusted=len(trusted))
-    key = feature_key(model, trusted + test, options, ("attribution.py", "tokenizer.py", "activations.py"))
+    key = feature_key(model, trusted + test, options, ("madlib.attribution",))
 
     def compute() -> dict[str, torch.Tensor]:
         atp = Attribution(model, acfg, blocks=blocks, probe_layers=probe_layers or None)
