@@ -95,7 +95,7 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, mininterval=2):
         idx = torch.randint(len(seqs), (cfg.batch_size,), generator=gen)
         tokens, lengths = zoo.pad_batch([seqs[i] for i in idx], pad_id)
-        tokens = tokens.to(device)
+        tokens, lengths = tokens.to(device), lengths.to(device)
         if y is None:
             logits = ft(tokens, return_type="logits")
             lm = zoo._next_token_loss(logits, tokens, lengths)

@@ -106,8 +106,9 @@ def auroc_rows(
         for r in table:
             for fpr in FPRS:
                 ref, s = refs.get(r["layer"]), scores.get(r["layer"])
-                anomalous = np.asarray(s)[m & y] if s is not None else np.zeros(0)
-                r.update(zip(recall_columns(fpr), recall_at_fpr(anomalous, ref if ref is not None else np.zeros(0), fpr, n_boot, seed)))
+                anomalous, normal = (np.asarray(s)[m & k] if s is not None else np.zeros(0) for k in (y, ~y))
+                r.update(zip(recall_columns(fpr), recall_at_fpr(anomalous, ref if ref is not None else np.zeros(0), fpr, n_boot, seed,
+                                                                normal=normal)))  # fmt: skip
             rows.append(dict(subset=subset, **r))
     return rows
 

@@ -85,30 +85,38 @@ FPRS: tuple[float, ...] = (0.01, 0.05)
 """False-positive rates at which :func:`recall_at_fpr` is reported beside AUROC."""
 
 
-def recall_columns(fpr: float) -> tuple[str, str, str]:
-    """Column names of the recall at ``fpr`` and its interval: ``recall_fpr1``, ``..._low``, ``..._high``."""
+def recall_columns(fpr: float) -> tuple[str, str, str, str]:
+    """Column names of the recall at ``fpr``, its interval, and the false-positive rate the same
+    threshold gives on the test set's normal points: ``recall_fpr1``, ``..._low``, ``..._high``,
+    ``test_fpr1``."""
     name = f"recall_fpr{100 * fpr:g}".replace(".", "_")
-    return name, f"{name}_low", f"{name}_high"
+    return name, f"{name}_low", f"{name}_high", name.replace("recall_", "test_")
 
 
 def recall_at_fpr(
-    anomalous: np.ndarray, reference: np.ndarray, fpr: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> tuple[float, float, float]:
+    anomalous: np.ndarray, reference: np.ndarray, fpr: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+    normal: np.ndarray | None = None,
+) -> tuple[float, float, float, float]:  # fmt: skip
     """Share of ``anomalous`` scores above the threshold that flags a share ``fpr`` of the
     ``reference`` (held-out trusted) scores, i.e. their ``1 - fpr`` quantile, with a percentile
-    bootstrap interval that resamples both the reference (the threshold) and the anomalies.
-    NaN when either set is empty."""
+    bootstrap interval that resamples both the reference (the threshold) and the anomalies, and
+    the share of ``normal`` (test) scores above the same threshold: the false-positive rate the
+    threshold really gives where the test set's normal points differ from the trusted ones.
+    NaN when a set is empty."""
     a, r = np.asarray(anomalous, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if len(a) == 0 or len(r) == 0:
-        return np.nan, np.nan, np.nan
-    recall = float((a > np.quantile(r, 1 - fpr)).mean())
+        return np.nan, np.nan, np.nan, np.nan
+    thr = np.quantile(r, 1 - fpr)
+    recall = float((a > thr).mean())
+    n = np.asarray(normal if normal is not None else [], dtype=np.float64)
+    test_fpr = float((n > thr).mean()) if len(n) else np.nan
     if n_boot < 1:
-        return recall, np.nan, np.nan
+        return recall, np.nan, np.nan, test_fpr
     rng = np.random.default_rng([seed, 13])
     thr = np.quantile(r[rng.integers(len(r), size=(n_boot, len(r)))], 1 - fpr, axis=1)
     boot = (a[rng.integers(len(a), size=(n_boot, len(a)))] > thr[:, None]).mean(axis=1)
     lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return recall, float(lo), float(hi)
+    return recall, float(lo), float(hi), test_fpr
 
 
 def auroc_table(

@@ -31,7 +31,23 @@ def injected_names(history: list[str]) -> list[str]:
     return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
 
 
+BUILTIN_TYPES = {t.__name__: t for t in (int, float, str, bool, list, dict)}
+
+
+def _annotation(annotation):
+    """A string annotation ``"Union[int, str]"`` (the form papermill's parameter parser reads) as
+    a tuple of builtin types; any other annotation as it is."""
+    if isinstance(annotation, str) and annotation.startswith("Union[") and annotation.endswith("]"):
+        names = [n.strip() for n in annotation[len("Union[") : -1].split(",")]
+        if all(n in BUILTIN_TYPES for n in names):
+            return tuple(BUILTIN_TYPES[n] for n in names)
+    return annotation
+
+
 def _accepts(annotation, value) -> bool:
+    annotation = _annotation(annotation)
+    if isinstance(annotation, tuple):  # Union[int, str]
+        return any(_accepts(a, value) for a in annotation)
     if isinstance(annotation, types.UnionType):  # list | str
         return any(_accepts(a, value) for a in annotation.__args__)
     if not isinstance(annotation, type):
@@ -57,5 +73,6 @@ def check_parameters(namespace: dict) -> None:
             raise ValueError(f"parameter {name!r} is not declared by this notebook; {hint}accepted: {', '.join(declared)}")
     for name, annotation in declared.items():
         if name in namespace and not _accepts(annotation, namespace[name]):
-            kind = getattr(annotation, "__name__", str(annotation))
+            kind = " or ".join(t.__name__ for t in _annotation(annotation)) if isinstance(_annotation(annotation), tuple) \
+                else getattr(annotation, "__name__", str(annotation))
             raise ValueError(f"{name}={namespace[name]!r} is not accepted; give a value of type {kind}")

@@ -201,8 +201,8 @@ def _losses(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(answer loss, next-token loss, answer accuracy) of a right-padded batch of prompts."""
     logits: Float[Tensor, "batch pos vocab"] = model(tokens, return_type="logits")
-    idx = torch.arange(len(tokens))
-    last = logits[idx, lengths - 1]
+    idx = torch.arange(len(tokens), device=tokens.device)
+    last = logits[idx, lengths.to(tokens.device) - 1]
     answer_loss = torch.nn.functional.cross_entropy(last, answers)
     two = last[:, list(yes_no)]
     acc = (two.argmax(-1) == (answers == yes_no[1]).long()).float().mean()
@@ -213,7 +213,7 @@ def _next_token_loss(
     logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"]
 ) -> Tensor:
     """Mean next-token cross-entropy over the real (unpadded) positions of a right-padded batch."""
-    mask = torch.arange(tokens.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+    mask = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None, :] < (lengths.to(tokens.device)[:, None] - 1)
     lm = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
     return (lm * mask).sum() / mask.sum()
 

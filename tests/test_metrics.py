@@ -103,7 +103,9 @@ def test_recall_at_fpr_against_a_direct_count():
     rng = np.random.default_rng(1)
     ref = rng.normal(size=1000)
     anomalous = rng.normal(loc=2.0, size=500)
-    r, lo, hi = recall_at_fpr(anomalous, ref, 0.05, n_boot=500, seed=0)
+    shifted = rng.normal(loc=0.5, size=800)  # test normals unlike the trusted reference
+    r, lo, hi, test_fpr = recall_at_fpr(anomalous, ref, 0.05, n_boot=500, seed=0, normal=shifted)
+    assert test_fpr == pytest.approx((shifted > np.quantile(ref, 0.95)).mean()) and 0.1 < test_fpr < 0.2  # 1 - Phi(1.145) = 0.126
     thr = np.sort(ref)[int(np.ceil(0.95 * 1000)) - 1]  # about 5% of the reference lies above it
     assert abs((ref > np.quantile(ref, 0.95)).mean() - 0.05) < 0.002
     assert r == pytest.approx((anomalous > np.quantile(ref, 0.95)).mean()) and abs(r - (anomalous > thr).mean()) < 0.01
@@ -111,4 +113,5 @@ def test_recall_at_fpr_against_a_direct_count():
     # N(2, 1) above the 95% quantile of N(0, 1): 1 - Phi(1.645 - 2) = 0.64
     assert abs(r - 0.64) < 0.06
     assert np.isnan(recall_at_fpr(np.zeros(0), ref, 0.01)[0]) and np.isnan(recall_at_fpr(anomalous, np.zeros(0), 0.01)[0])
-    assert recall_columns(0.01) == ("recall_fpr1", "recall_fpr1_low", "recall_fpr1_high")
+    assert recall_columns(0.01) == ("recall_fpr1", "recall_fpr1_low", "recall_fpr1_high", "test_fpr1")
+    assert np.isnan(recall_at_fpr(anomalous, ref, 0.05, n_boot=10)[3])  # no test normals given

@@ -71,7 +71,10 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     assert runner.run_notebooks() == {n: "executed" for n in NOTEBOOKS}
     auc = pd.read_csv(root / "_build" / "results" / "mad_auc" / "auc.csv")
     assert list(auc.columns) == ["model", "task", "dataset", "method", "feature_source", "skyline", "layer", "selected_layer",
-                                 "subset", "auroc", "ci_low", "ci_high", "n", "seed", "finetune_seed"]  # fmt: skip
+                                 "subset", "auroc", "ci_low", "ci_high", "recall_fpr1", "recall_fpr1_low", "recall_fpr1_high",
+                                 "test_fpr1", "recall_fpr5", "recall_fpr5_low", "recall_fpr5_high", "test_fpr5", "n", "seed", "finetune_seed"]  # fmt: skip
+    agg_all = (auc["layer"] == "aggregated") & (auc["subset"] == "all")
+    assert auc.loc[agg_all & (auc["method"] == "mahalanobis"), "recall_fpr5"].between(0, 1).all()
     assert set(auc["layer"].astype(str)) >= {"1", "2", "aggregated", "mean", "best"}
     assert set(auc["subset"]) == {"all", "agree", "disagree"} and set(auc["method"]) == set(SMOKE["mad_auc"]["detectors"])
     assert set(auc["model"]) == {"zoo-gpt2", "zoo-llama"} and set(auc["task"]) == {"quirky", "backdoor"}

@@ -66,3 +66,14 @@ def test_papermill_run_with_a_misspelt_parameter_fails_at_once(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="did you mean 'datasets'"):
         pm.execute_notebook(str(ROOT / "notebooks" / "zoo.ipynb"), str(tmp_path / "out.ipynb"), parameters={"dataset": ["addition"]},
                             cwd=str(tmp_path), progress_bar=False)  # fmt: skip
+
+
+def test_a_union_annotation_accepts_either_type():
+    ns: dict = {}
+    exec('batch_size: "Union[int, str]" = 256\n', ns)
+    ns["In"] = ["# Parameters\nbatch_size = 'auto'\n"]
+    ns["batch_size"] = "auto"
+    check_parameters(ns)
+    ns["batch_size"] = 1.5
+    with pytest.raises(ValueError, match=r"^batch_size=1.5 is not accepted; give a value of type int or str$"):
+        check_parameters(ns)
