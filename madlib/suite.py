@@ -196,9 +196,9 @@ def best_layer_rows(
     recall = dict(nan_recall)
     if ref_scores is not None:
         for fpr in FPRS:
-            s = np.asarray(layer_scores[best])
-            recall.update(zip(recall_columns(fpr), recall_at_fpr(s[rep & y], np.asarray(ref_scores[best]), fpr, n_boot, seed,
-                                                                 normal=s[rep & ~y])))  # fmt: skip
+            full = np.asarray(layer_scores[best])
+            recall.update(zip(recall_columns(fpr), recall_at_fpr(full[rep & y], np.asarray(ref_scores[best]), fpr, n_boot, seed,
+                                                                 normal=full[rep & ~y])))  # fmt: skip
     return dict(layer="best", auroc=auroc(y[rep], s), ci_low=lo, ci_high=hi, n=int(rep.sum()), selected_layer=str(best), **recall)
 
 
