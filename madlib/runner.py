@@ -245,8 +245,10 @@ class Runner:
                 cwd=str(self.root), kernel_name="python3", progress_bar=self.progress, log_output=False,
             )  # fmt: skip
         except pm.PapermillExecutionError as e:
+            where, kept = self._keep_failed(name, staging / f"{name}.ipynb")
             shutil.rmtree(staging, ignore_errors=True)
-            raise NotebookFailed(f"notebook {name!r} failed in cell {e.exec_count}: {e.ename}: {e.evalue}") from None
+            raise NotebookFailed(f"notebook {name!r} failed in {where}: {e.ename}: {e.evalue}"
+                                 + (f" (the executed notebook is kept at {kept})" if kept else "")) from None  # fmt: skip
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -272,6 +274,29 @@ class Runner:
             tmp.write_text(json.dumps(stamp, indent=2))
         shutil.rmtree(staging, ignore_errors=True)
         return seconds
+
+    def _keep_failed(self, name: str, executed: Path) -> tuple[str, Path | None]:
+        """Where the run of ``name`` failed ("cell 12 (`res = ...`)": the cell's position among the
+        source notebook's cells, from 1, and its first source line) and the executed notebook, moved to
+        ``_build/failed/<name>.ipynb``, outside the book, so the traceback can be read."""
+        import nbformat
+
+        try:
+            nb = nbformat.read(executed, as_version=4)
+        except (OSError, ValueError):
+            return "a cell", None
+        where = "a cell"
+        added = {"papermill-error-cell-tag", "injected-parameters"}  # cells papermill adds to the source's
+        source_cells = [c for c in nb.cells if not added & set(c.get("metadata", {}).get("tags", []))]
+        for i, cell in enumerate(source_cells, start=1):
+            if cell.get("metadata", {}).get("papermill", {}).get("exception"):
+                first = next((ln.strip() for ln in cell.source.splitlines() if ln.strip()), "")
+                where = f"cell {i} (`{first[:80]}`)"
+                break
+        kept = build_dir() / "failed" / f"{name}.ipynb"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(executed, kept)
+        return where, kept
 
     def run_notebooks(self, names=NOTEBOOKS, force: bool = False) -> dict[str, str]:
         with self.lock():

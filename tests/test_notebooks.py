@@ -119,8 +119,11 @@ def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch)
     ]
     nbformat.write(nb, root / "notebooks" / "bad.ipynb")
     runner = Runner(root=root, progress=False)
-    with pytest.raises(NotebookFailed, match=r"notebook 'bad' failed in cell 2: ZeroDivisionError"):
+    with pytest.raises(NotebookFailed, match=r"^notebook 'bad' failed in cell 2 \(`1 / 0`\): ZeroDivisionError: division by zero "
+                                              r"\(the executed notebook is kept at .*_build/failed/bad\.ipynb\)$"):
         runner.execute("bad")
+    kept = nbformat.read(root / "_build" / "failed" / "bad.ipynb", as_version=4)
+    assert any(o.get("ename") == "ZeroDivisionError" for c in kept.cells for o in c.get("outputs", [])), "the traceback can be read"
     assert not (root / "book" / "generated" / "bad.ipynb").exists()
     assert not (root / "_build" / "results" / "bad").exists()
     assert not list((root / "_build").glob(".bad-*"))
