@@ -77,3 +77,14 @@ def test_a_union_annotation_accepts_either_type():
     ns["batch_size"] = 1.5
     with pytest.raises(ValueError, match=r"^batch_size=1.5 is not accepted; give a value of type int or str$"):
         check_parameters(ns)
+
+
+def test_mad_auc_refuses_a_misspelt_dataset_or_a_bad_layer_before_any_model_loads(tmp_path):
+    import papermill as pm
+
+    for params, message in ((dict(datasets=["additon"]), "datasets='additon' is not accepted"),
+                            (dict(layers=[1.5]), "layers=\\[1.5\\] is not accepted")):  # fmt: skip
+        with pytest.raises(pm.PapermillExecutionError, match=message):
+            pm.execute_notebook(str(ROOT / "notebooks" / "mad_auc.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
+                                cwd=str(tmp_path), progress_bar=False)  # fmt: skip
+        assert not (tmp_path / "results").exists(), "nothing written"
