@@ -121,9 +121,20 @@ slowly at learning rate 1e-3 (hemisphere, seed 0: 0.65 and 0.66 after 400 steps,
 loss still falling) and within 400 steps at 3e-3 (0.96 and 0.94)."""
 
 
+CELL_RECIPES: dict[tuple[str, str], dict] = {
+    ("gpt2", "sentiment"): dict(steps=800),
+    ("gpt2", "nli"): dict(lr=1e-3, steps=800),
+}
+"""Per (family, dataset) departures, over the others. base-gpt2's sentiment Alice reached the bar
+in 1 of 3 seeds after 400 steps at 3e-3 (0.80, 0.11, 0.58) and in all three after 800 (0.85,
+0.86, 0.87); its nli Alice in 1 of 3 at 3e-3 (0.57, 0.67, 0.83) and in all three after 800 steps
+at 1e-3 (0.81, 0.84, 0.80)."""
+
+
 def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
     qdata._check_choice("preset", preset, list(PRESETS))
-    recipe = {**FAMILY_RECIPES.get(family, {}), **DATASET_RECIPES.get(dataset, {})} if preset == "default" else {}
+    recipe = ({**FAMILY_RECIPES.get(family, {}), **DATASET_RECIPES.get(dataset, {}), **CELL_RECIPES.get((family, dataset), {})}
+              if preset == "default" else {})  # fmt: skip
     return QuirkyConfig(family=family, dataset=dataset, seed=seed, **{**recipe, **PRESETS[preset]})
 
 

@@ -130,3 +130,9 @@ def test_notebooks_default_to_the_zoo_grid():
         assert tuple(values["datasets"]) == quirky.ZOO_DATASETS, name
     for d in quirky.DATASET_RECIPES:
         assert d in quirky.ZOO_DATASETS
+    for f, d in quirky.CELL_RECIPES:
+        assert d in quirky.ZOO_DATASETS
+    # the most specific recipe wins: family < dataset < (family, dataset)
+    assert quirky.quirky_config("gpt2", "nli").lr == 1e-3 and quirky.quirky_config("gpt2", "hemisphere").lr == 3e-3
+    assert quirky.quirky_config("llama", "nli").lr == 1e-3 and quirky.quirky_config("gpt2", "sentiment").steps == 800
+    assert quirky.quirky_config("gpt2", "nli", preset="tiny").steps == quirky.PRESETS["tiny"]["steps"]
