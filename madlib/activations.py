@@ -123,12 +123,17 @@ def encode_texts(model, texts: list[str], max_tokens: int | None = None) -> tupl
     return seqs, pad_id
 
 
+def model_answer_ids(model) -> tuple[int, int]:
+    """The ids of `` No`` and `` Yes`` as ``model``'s tokenizer writes them after a prompt."""
+    if getattr(model, "zoo_config", None) is not None:
+        return answer_ids(build_tokenizer())
+    return answer_token_ids(model.tokenizer)
+
+
 def encode_prompts(model, prompts: list[str]) -> tuple[list[list[int]], int, tuple[int, int]]:
     """Token ids of each prompt, the padding id and the (" No", " Yes") answer ids for ``model``."""
     seqs, pad_id = encode_texts(model, prompts)
-    if getattr(model, "zoo_config", None) is not None:
-        return seqs, pad_id, answer_ids(build_tokenizer())
-    return seqs, pad_id, answer_token_ids(model.tokenizer)
+    return seqs, pad_id, model_answer_ids(model)
 
 
 @contextmanager

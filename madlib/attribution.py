@@ -47,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data as qdata
-from .activations import Extraction, encode_prompts, hook_name, resolve_layers
+from .activations import Extraction, encode_prompts, hook_name, model_answer_ids, resolve_layers
 from .finetune import FinetuneConfig, cached_finetune
 from .mad import MadFeatures, MadTask
 from .zoo import pad_batch
@@ -99,11 +99,6 @@ def _batches(model, prompts: list[str], batch_size: int, desc: str, progress: bo
         idx = order[start : start + batch_size]
         tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
         yield torch.as_tensor(idx), tokens, lengths - 1
-
-
-def model_answer_ids(model) -> tuple[int, int]:
-    """The ids of `` No`` and `` Yes`` as ``model``'s tokenizer writes them after a prompt."""
-    return encode_prompts(model, [])[2]
 
 
 class Attribution:
