@@ -122,6 +122,13 @@ def score_frame(y: np.ndarray, agree: np.ndarray, test_scores: dict, agg: np.nda
     )  # fmt: skip
 
 
+def split_trusted(trusted: dict, holdout: float, seed: int = 0) -> tuple[dict, dict]:
+    """Per-layer trusted features split into the rows a detector is fitted on and the held-out
+    rows that standardise its scores (:func:`madlib.metrics.holdout_split`)."""
+    rows = holdout_split(len(next(iter(trusted.values()))), holdout, seed)
+    return tuple({k: v[torch.as_tensor(r)] for k, v in trusted.items()} for r in rows)
+
+
 def score_detectors(
     task: MadTask,
     feats: MadFeatures,
@@ -143,8 +150,7 @@ def score_detectors(
     rows, frames = [], []
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()
-    fit_rows, ref_rows = holdout_split(len(task.trusted), holdout, seed)
-    fit, ref = ({k: v[torch.as_tensor(rows)] for k, v in feats.trusted.acts.items()} for rows in (fit_rows, ref_rows))
+    fit, ref = split_trusted(feats.trusted.acts, holdout, seed)
     for name in detectors:
         det = make_detector(name)
         det.fit(fit, feats.untrusted.acts if det.uses_untrusted else None)

@@ -36,8 +36,8 @@ from . import data as qdata
 from .activations import hook_name
 from .cache import cached_tensors, feature_key
 from .detectors import DETECTORS, LabelledFeatures, make_detector
-from .mad import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_task, score_frame
-from .metrics import FPRS, aggregate_layers, auroc, bootstrap_counts, holdout_split, recall_at_fpr, recall_columns, weighted_auroc
+from .mad import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_task, score_frame, split_trusted
+from .metrics import FPRS, aggregate_layers, auroc, bootstrap_counts, recall_at_fpr, recall_columns, weighted_auroc
 
 ATP_SOURCES = {"atp_mean": "mean", "atp_pcs": "pcs", "atp_grad_norm": "grad_norm"}
 
@@ -216,8 +216,7 @@ def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, s
         untrusted = None
         if not trusted:
             return None
-    fit_rows, ref_rows = holdout_split(len(next(iter(trusted.values()))), holdout, seed)
-    fit, ref = ({k: v[torch.as_tensor(rows)] for k, v in trusted.items()} for rows in (fit_rows, ref_rows))
+    fit, ref = split_trusted(trusted, holdout, seed)
     kwargs = dict(saes=extra["sae"]) if method.features == "sae" else {}
     det = make_detector(method.detector, **kwargs)
     if method.skyline:
