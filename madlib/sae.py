@@ -136,6 +136,21 @@ def token_counts(texts: list[str]) -> np.ndarray:
     return np.array([len(s) - 1 for s in encode(list(texts))])
 
 
+def sample_texts(texts: list[str], n_tokens: int, seed: int = 0) -> list[str]:
+    """A seeded random subset of ``texts`` holding at least ``n_tokens`` activation rows of
+    :func:`collect_activations` (all of them if they hold fewer), in the order given: an SAE that
+    sees ``n_tokens`` activations in training then sees each once, and the activations of texts it
+    would never see are not collected (all train prompts of a zoo family: about 10 million rows,
+    15 GB at peak, for 200,000 seen)."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} is not accepted; give a positive integer")
+    texts = list(texts)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    total = np.cumsum(token_counts([texts[i] for i in order]))
+    keep = order[: int(np.searchsorted(total, n_tokens)) + 1]
+    return [texts[i] for i in sorted(keep)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 

@@ -6,7 +6,7 @@ A *method* is a feature source plus a scorer:
   scored by any registered detector of :mod:`madlib.detectors` (the Gaussian family, LOF,
   isolation forest, flows, autoencoders, Beatrix, TED, and the supervised ``probe_skyline``);
 * ``sae``: the same activations encoded by a top-k SAE per layer, trained with sae-lens on the
-  model's activations at every token of the training prompts (:func:`madlib.sae.cached_sae`),
+  model's activations at every token of a sample of the training prompts (:func:`madlib.sae.cached_sae`),
   scored by ``sae_diag_mahalanobis`` and ``sae_new_latents``;
 * ``atp_mean``, ``atp_pcs``, ``atp_grad_norm``, ``probe_shift``: attribution-patching effects per
   attention head and probe-shift features (:mod:`madlib.attribution`), keyed by block (AtP) or
@@ -142,11 +142,12 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
 
 
 def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool) -> dict:
-    """A top-k SAE per layer, trained at every token of train-split prompts: for a zoo fine-tune,
+    """A top-k SAE per layer, trained at every token of train-split prompts (a seeded sample
+    holding as many tokens as the SAE trains on, :func:`madlib.sae.sample_texts`): for a zoo fine-tune,
     on its family's base model and the train prompts of every dataset (as the seeds' SAEs were
     trained on the base model; one SAE per layer serves all fine-tunes of the family), else on
     the model itself and ``records``."""
-    from .sae import SAEConfig, cached_sae
+    from .sae import SAEConfig, cached_sae, sample_texts
     from .zoo import get_model, training_records
 
     info = getattr(model, "zoo_config", None)
@@ -154,8 +155,8 @@ def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg:
         records = training_records(info)
         model = get_model(f"zoo-{info.family}", preset=info.preset, progress=progress)
         model_name = f"zoo-{info.family}-base"
-    texts = sorted(set(records.loc[records["split"] == "train", "prompt"]))
     scfg = SAEConfig(d_sae=cfg.sae_d_sae, k=cfg.sae_k, training_tokens=cfg.sae_training_tokens, seed=cfg.seed)
+    texts = sample_texts(sorted(set(records.loc[records["split"] == "train", "prompt"])), scfg.training_tokens, cfg.seed)
     n = model.cfg.n_layers
     return {
         layer: cached_sae(model, hook_name(layer, n), texts, scfg, name=f"{model_name}-sae-L{layer}", progress=progress)

@@ -17,6 +17,7 @@ from madlib.sae import (
     explained_variance,
     load_sae,
     reconstruction_metrics,
+    sample_texts,
     save_sae,
     token_counts,
     train_sae,
@@ -197,3 +198,16 @@ def test_bad_inputs_are_named(tiny_model):
         train_sae(torch.zeros(10, 4), "h", CFG, progress=False)
     with pytest.raises(ValueError, match="name="):
         cached_sae(tiny_model, HOOK, ["a"], CFG, "a/b", progress=False)
+
+
+def test_sample_texts_holds_just_enough_tokens():
+    texts = [f"Name: Sam\n\nline {i} " + "word " * (i % 7) for i in range(300)]
+    counts = dict(zip(texts, token_counts(texts)))
+    picked = sample_texts(texts, 500, seed=1)
+    total = sum(counts[t] for t in picked)
+    assert total >= 500 and total - max(counts[t] for t in picked) < 500, "no more texts than reach 500 rows"
+    assert picked == [t for t in texts if t in set(picked)], "the given order is kept"
+    assert sample_texts(texts, 500, seed=1) == picked and sample_texts(texts, 500, seed=2) != picked
+    assert sample_texts(texts, 10**9) == texts
+    with pytest.raises(ValueError, match="n_tokens=0"):
+        sample_texts(texts, 0)
