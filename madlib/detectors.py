@@ -14,6 +14,7 @@ Detectors defined in other modules register themselves on import: decorate the c
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -44,11 +45,39 @@ class Detector(ABC):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every detector's ``fit`` and ``score`` check their features first (:func:`check_features`)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("fit", "score"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "checks_features", False):
+                setattr(cls, name, _checked(method, name))
+
     @abstractmethod
     def fit(self, trusted: Features, untrusted: Features | None = None) -> "Detector": ...
 
     @abstractmethod
     def score(self, test: Features) -> Scores: ...
+
+
+def _checked(method, name: str):
+    @functools.wraps(method)
+    def fit(self, trusted, untrusted=None, *args, **kwargs):
+        dims = {layer: x.shape[1] for layer, x in check_features("trusted", trusted).items()}
+        shared = {k: v for k, v in untrusted.items() if k in dims} if isinstance(untrusted, dict) else {}
+        if shared:  # missing layers are the offline detector's own check (check_untrusted)
+            check_features("untrusted", shared, dims)
+        self.feature_dims = dims
+        return method(self, trusted, untrusted, *args, **kwargs)
+
+    @functools.wraps(method)
+    def score(self, test, *args, **kwargs):
+        check_features("test", test, getattr(self, "feature_dims", None))
+        return method(self, test, *args, **kwargs)
+
+    wrapper = fit if name == "fit" else score
+    wrapper.checks_features = True
+    return wrapper
 
 
 DETECTORS: dict[str, type[Detector]] = {}
@@ -193,12 +222,22 @@ def check_rcond(rcond, positive: bool = False) -> None:
         raise ValueError(f"rcond={rcond!r} is not accepted; give a finite number in {accepted}")
 
 
-def check_features(param: str, feats: Features | None) -> Features:
+def check_features(param: str, feats: Features | None, dims: dict | None = None) -> Features:
+    """``feats`` as they are, after refusing, in one line naming the parameter and layer, anything
+    but a non-empty dict of 2-D tensors, NaN or infinite values, and (given the column count per
+    layer ``dims`` that a detector was fitted on) another width or a layer it was not fitted on."""
     if not isinstance(feats, dict) or not feats:
         raise ValueError(f"{param}={type(feats).__name__} is not accepted; give a non-empty dict layer -> Tensor[n, d]")
     for layer, x in feats.items():
         if not isinstance(x, Tensor) or x.ndim != 2:
             raise ValueError(f"{param}[{layer!r}] has shape {tuple(getattr(x, 'shape', ()))}; give a 2-d Tensor[n, d]")
+        bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"{param}[{layer!r}] holds {bad} NaN or infinite values; detectors need finite features")
+        if dims is not None:
+            check_layer(dims, layer)
+        if dims is not None and x.shape[1] != dims[layer]:
+            raise ValueError(f"{param}[{layer!r}] has {x.shape[1]} columns; the detector was fitted on {dims[layer]}")
     return feats
 
 

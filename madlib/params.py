@@ -59,10 +59,14 @@ def _accepts(annotation, value) -> bool:
     return isinstance(value, annotation)
 
 
-def check_parameters(namespace: dict) -> None:
+def check_parameters(namespace: dict, minimum: dict | None = None, positive: tuple = (), nonempty: tuple = (),
+                     int_items: tuple = (), choices: dict | None = None) -> None:  # fmt: skip
     """Refuse injected parameters the notebook does not declare, and declared parameters whose
     value is not of the declared type (an int is accepted for a float). ``namespace`` is the
-    notebook's ``globals()``."""
+    notebook's ``globals()``. Then the notebook's rules on values, each refused in one line naming
+    the parameter, the value and what is accepted: ``minimum`` (name -> least accepted number,
+    NaN refused), ``positive`` (numbers > 0), ``nonempty`` (lists that need an item), ``int_items`` (lists of integers,
+    ``True`` and ``1.5`` refused) and ``choices`` (name -> accepted values)."""
     declared = dict(namespace.get("__annotations__", {}))
     if not declared:
         raise RuntimeError("check_parameters() found no declared parameters: run the notebook's parameters cell first")
@@ -76,3 +80,22 @@ def check_parameters(namespace: dict) -> None:
             kind = " or ".join(t.__name__ for t in _annotation(annotation)) if isinstance(_annotation(annotation), tuple) \
                 else getattr(annotation, "__name__", str(annotation))
             raise ValueError(f"{name}={namespace[name]!r} is not accepted; give a value of type {kind}")
+    for name, least in (minimum or {}).items():
+        value = namespace[name]
+        if not value >= least:  # NaN fails too
+            raise ValueError(f"{name}={value!r} is not accepted; give a number >= {least}")
+    for name in positive:
+        if not namespace[name] > 0:
+            raise ValueError(f"{name}={namespace[name]!r} is not accepted; give a number > 0")
+    for name in nonempty:
+        if not namespace[name]:
+            raise ValueError(f"{name}={namespace[name]!r} is not accepted; give at least one item")
+    for name in int_items:
+        values = namespace[name]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise ValueError(f"{name}={values!r} is not accepted; give a list of integers")
+    for name, accepted in (choices or {}).items():
+        if namespace[name] not in accepted:
+            close = difflib.get_close_matches(str(namespace[name]), [str(a) for a in accepted], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{name}={namespace[name]!r} is not accepted{hint}; choose from {', '.join(map(repr, accepted))}")

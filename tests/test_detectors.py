@@ -481,3 +481,24 @@ def test_dense_ae_score_and_bottleneck_check():
     assert np.allclose(det.score(z)[0], want.numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="narrower than d=8"):
         make_detector("dense_ae", bottleneck=8, progress=False).fit(x)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_detector_refuses_non_finite_or_mismatched_features_in_one_line(name):
+    rng = np.random.default_rng(5)
+    trusted = {1: t(rng.normal(size=(60, 4))), 2: t(rng.normal(size=(60, 4)))}
+    untrusted = {k: t(rng.normal(size=(40, 4))) for k in (1, 2)}
+    labelled = LabelledFeatures(untrusted, np.arange(40) % 2 == 0, split="train")
+    kwargs = {**FAST.get(name, {}), **({"steps": 5} if name in FAST else {})}
+    bad = trusted[1].clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"trusted\[1\] holds 1 NaN or infinite values") as e:
+        fit_any(make_detector(name, **kwargs), {**trusted, 1: bad}, untrusted, labelled)
+    assert "\n" not in str(e.value)
+    det = fit_any(make_detector(name, **kwargs), trusted, untrusted, labelled)
+    test = {k: t(rng.normal(size=(10, 4))) for k in (1, 2)}
+    with pytest.raises(ValueError, match=r"test\[2\] has 5 columns; the detector was fitted on 4"):
+        det.score({**test, 2: t(rng.normal(size=(10, 5)))})
+    test[1][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"test\[1\] holds 1 NaN or infinite values"):
+        det.score(test)

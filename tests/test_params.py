@@ -1,5 +1,6 @@
 """Notebook parameters: undeclared and mistyped values are refused in one line."""
 
+import ast
 from pathlib import Path
 
 import nbformat
@@ -54,10 +55,50 @@ def test_every_notebook_checks_its_parameters_right_after_declaring_them():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(path, 4)
         i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-        assert "check_parameters(globals())" in nb.cells[i + 1].source, path.name
+        check = nb.cells[i + 1].source
+        assert "check_parameters(globals()" in check, path.name
         ns: dict = {}
         exec(nb.cells[i].source, ns)
-        check_parameters(ns)  # the defaults are of their declared types
+        ns["In"] = []
+        body = ast.parse(check).body
+        upto = next(i for i, node in enumerate(body) if "check_parameters(globals()" in ast.unparse(node))
+        exec(compile(ast.Module(body[: upto + 1], []), path.name, "exec"), ns)  # the defaults pass every rule
+
+
+RULES = dict(minimum=dict(max_test=2, step_size=0), positive=("step_size",), nonempty=("datasets",), int_items=("datasets",),
+             choices=dict(sae=("", "x")))  # fmt: skip
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("max_test", 0, "max_test=0 is not accepted; give a number >= 2"),
+    ("step_size", float("nan"), "step_size=nan is not accepted; give a number >= 0"),
+    ("step_size", 0.0, "step_size=0.0 is not accepted; give a number > 0"),
+    ("datasets", [], "datasets=[] is not accepted; give at least one item"),
+    ("datasets", [1, 1.5], "datasets=[1, 1.5] is not accepted; give a list of integers"),
+    ("datasets", [True], "datasets=[True] is not accepted; give a list of integers"),
+    ("sae", "y", "sae='y' is not accepted; choose from '', 'x'"),
+])  # fmt: skip
+def test_value_rules_refuse_in_one_line(name, value, message):
+    ns = namespace(f"# Parameters\n{name} = {value!r}\n", **{"datasets": [1], name: value})
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(") + "$"):
+        check_parameters(ns, **RULES)
+    check_parameters(namespace(datasets=[1, 2], step_size=0.5), **RULES)
+
+
+@pytest.mark.parametrize("notebook,params,message", [
+    ("mad_auc", dict(n_boot=0), "n_boot=0 is not accepted; give a number >= 1"),
+    ("mad_auc", dict(seeds=[]), "seeds=\\[\\] is not accepted; give at least one item"),
+    ("perturb", dict(n_pool=1), "n_pool=1 is not accepted; give a number >= 2"),
+    ("benchmarks", dict(repeats=0), "repeats=0 is not accepted; give a number >= 1"),
+    ("quirkiness", dict(zoo_preset="tiney"), "zoo_preset='tiney' is not accepted \\(did you mean 'tiny'\\?\\)"),
+    ("drift", dict(finetune_lr=0.0), "finetune_lr=0.0 is not accepted; give a number > 0"),
+])  # fmt: skip
+def test_notebooks_refuse_out_of_range_values_in_their_first_cells(tmp_path, notebook, params, message):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError, match=message):
+        pm.execute_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
+                            cwd=str(tmp_path), progress_bar=False)  # fmt: skip
 
 
 def test_papermill_run_with_a_misspelt_parameter_fails_at_once(tmp_path):
