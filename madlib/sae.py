@@ -250,6 +250,18 @@ def explained_variance(sae, acts: Float[Tensor, "n d"], batch_size: int = 8192) 
     return 1.0 - resid / total
 
 
+def shared_latents(sae_a, sae_b, threshold: float = 0.7) -> float:
+    """Share of ``sae_a``'s latents whose decoder direction has cosine at least ``threshold`` with
+    some decoder direction of ``sae_b`` (SAEs of two seeds share a part of their latents only)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r} is not accepted; give a cosine in (0, 1]")
+    a = torch.nn.functional.normalize(sae_a.W_dec.detach().double(), dim=1)
+    b = torch.nn.functional.normalize(sae_b.W_dec.detach().double(), dim=1)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sae_b reads {b.shape[1]} dimensions, sae_a {a.shape[1]}; give SAEs of the same activations")
+    return float(((a @ b.T).max(1).values >= threshold).double().mean())
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving and caching
 

@@ -40,6 +40,10 @@ from .mad import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_ta
 from .metrics import FPRS, aggregate_layers, auroc, bootstrap_counts, recall_at_fpr, recall_columns, weighted_auroc
 
 ATP_SOURCES = {"atp_mean": "mean", "atp_pcs": "pcs", "atp_grad_norm": "grad_norm"}
+SAE_SOURCES = {"sae": "", "sae_seed2": "seed2", "sae_random": "random"}
+"""Feature sources of the SAE-latent detectors: the SAE of each layer, and two controls (seed 002's
+question read against them): an SAE of another seed on the same activations, and an SAE trained
+on a randomly initialised model of the same architecture (applied to the real activations)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class Method:
     """A feature source and the detector that scores it."""
 
     name: str
-    features: str  # "activations", "sae", "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift" or "prompts"
+    features: str  # "activations", an SAE source of SAE_SOURCES, "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift" or "prompts"
     detector: str  # a registered detector name, or "finetune_kl"
     skyline: bool = False  # a supervised reference, not a detector
 
@@ -60,6 +64,9 @@ def methods() -> dict[str, Method]:
     for name, cls in DETECTORS.items():
         src = "sae" if name.startswith("sae_") else "activations"
         out[name] = Method(name, src, name, cls.skyline)
+        if src == "sae":
+            for control in ("sae_seed2", "sae_random"):
+                out[control + name[len("sae") :]] = Method(control + name[len("sae") :], control, name)
     for src in [*ATP_SOURCES, "probe_shift"]:
         for det in ("mahalanobis", "lof"):
             out[f"{src}_{det}"] = Method(f"{src}_{det}", src, det)
@@ -70,7 +77,7 @@ def methods() -> dict[str, Method]:
 DEFAULT_METHODS: tuple[str, ...] = (
     "mahalanobis", "pca_mahalanobis", "diag_mahalanobis", "que", "spectral_signature", "likelihood_ratio", "lof",
     "isolation_forest", "flow_nll", "flow_mahalanobis", "dense_ae", "vae", "beatrix", "ted", "sae_diag_mahalanobis",
-    "sae_new_latents", "atp_mean_mahalanobis", "atp_mean_lof", "atp_pcs_mahalanobis", "atp_grad_norm_mahalanobis",
+    "sae_new_latents", "sae_seed2_diag_mahalanobis", "sae_random_diag_mahalanobis", "atp_mean_mahalanobis", "atp_mean_lof", "atp_pcs_mahalanobis", "atp_grad_norm_mahalanobis",
     "probe_shift_mahalanobis", "finetune_kl", "probe_skyline",
 )  # fmt: skip
 """The methods the MAD chapter compares (every feature source, every detector family)."""
@@ -141,12 +148,28 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
     return {kind: (role(kind, "trusted"), role(kind, "test")) for kind in ("atp", "probe")}
 
 
-def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool) -> dict:
+def random_init(model, seed: int = 0):
+    """A model of ``model``'s architecture and tokenizer with freshly initialised weights (seeded;
+    the global random state is left as it was). It keeps a zoo model's ``zoo_config`` (its
+    tokenizer) and nothing that names the trained weights, so caches key it by its own weights."""
+    from transformer_lens import HookedTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = HookedTransformer(replace(model.cfg, seed=None), tokenizer=model.tokenizer).eval()
+    if getattr(model, "zoo_config", None) is not None:
+        out.zoo_config = model.zoo_config
+    return out
+
+
+def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool,
+          control: str = "") -> dict:  # fmt: skip
     """A top-k SAE per layer, trained at every token of train-split prompts (a seeded sample
     holding as many tokens as the SAE trains on, :func:`madlib.sae.sample_texts`): for a zoo fine-tune,
     on its family's base model and the train prompts of every dataset (as the seeds' SAEs were
     trained on the base model; one SAE per layer serves all fine-tunes of the family), else on
-    the model itself and ``records``."""
+    the model itself and ``records``. ``control``: "" (the SAEs), "seed2" (the next SAE seed) or
+    "random" (trained on :func:`random_init` of the model: a dictionary that owes nothing to training)."""
     from .sae import SAEConfig, cached_sae, sample_texts
     from .zoo import get_model, training_records
 
@@ -155,13 +178,35 @@ def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg:
         records = training_records(info)
         model = get_model(f"zoo-{info.family}", preset=info.preset, progress=progress)
         model_name = f"zoo-{info.family}-base"
-    scfg = SAEConfig(d_sae=cfg.sae_d_sae, k=cfg.sae_k, training_tokens=cfg.sae_training_tokens, seed=cfg.seed)
+    scfg = SAEConfig(d_sae=cfg.sae_d_sae, k=cfg.sae_k, training_tokens=cfg.sae_training_tokens,
+                     seed=cfg.seed + (control == "seed2"))  # fmt: skip
     texts = sample_texts(sorted(set(records.loc[records["split"] == "train", "prompt"])), scfg.training_tokens, cfg.seed)
-    n = model.cfg.n_layers
+    if control == "random":
+        model, model_name = random_init(model, cfg.seed), f"{model_name}-random-init"
+    n, tag = model.cfg.n_layers, f"-{control}" if control == "seed2" else ""
     return {
-        layer: cached_sae(model, hook_name(layer, n), texts, scfg, name=f"{model_name}-sae-L{layer}", progress=progress)
+        layer: cached_sae(model, hook_name(layer, n), texts, scfg, name=f"{model_name}-sae{tag}-L{layer}", progress=progress)
         for layer in layers
     }
+
+
+def sae_controls(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig = SuiteConfig(),
+                 threshold: float = 0.7, progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """Per layer, the SAEs of the MAD methods against their controls (cached, so free after a
+    suite run): the share of latents of the SAE that the second seed's SAE shares
+    (:func:`madlib.sae.shared_latents` at decoder cosine ``threshold``) and each SAE's explained
+    variance on its training activations."""
+    from .sae import shared_latents
+
+    saes = {c: _saes(model, model_name, records, layers, cfg, progress, c) for c in SAE_SOURCES.values()}
+    return pd.DataFrame([
+        dict(model=model_name, layer=layer, shared_with_seed2=shared_latents(saes[""][layer], saes["seed2"][layer], threshold),
+             shared_with_random=shared_latents(saes[""][layer], saes["random"][layer], threshold), threshold=threshold,
+             explained_variance=saes[""][layer].madlib_meta.get("explained_variance"),
+             explained_variance_seed2=saes["seed2"][layer].madlib_meta.get("explained_variance"),
+             explained_variance_random=saes["random"][layer].madlib_meta.get("explained_variance"))
+        for layer in layers
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +254,7 @@ def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, s
     fitted on the trusted rows outside a ``holdout`` share (:func:`madlib.metrics.holdout_split`)
     and scores the held-out ones, the reference of each layer's standardisation; ``None`` when the
     task yields no features for it (probe shift needs trusted labels of both classes)."""
-    if method.features in ("activations", "sae"):
+    if method.features == "activations" or method.features in SAE_SOURCES:
         trusted, test, untrusted = feats.trusted.acts, feats.test.acts, feats.untrusted.acts
     else:
         kind = "probe" if method.features == "probe_shift" else "atp"
@@ -218,7 +263,7 @@ def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, s
         if not trusted:
             return None
     fit, ref = split_trusted(trusted, holdout, seed)
-    kwargs = dict(saes=extra["sae"]) if method.features == "sae" else {}
+    kwargs = dict(saes=extra[method.features]) if method.features in SAE_SOURCES else {}
     det = make_detector(method.detector, **kwargs)
     if method.skyline:
         y_unt = (task.untrusted["character_type"] == "bob").to_numpy()
@@ -252,8 +297,9 @@ def score_methods(
                    for src, ablation in ATP_SOURCES.items() if src in sources}  # fmt: skip
     if "probe_shift" in sources:
         extra["probe_shift"] = extra["atp_mean"]
-    if any(m.features == "sae" for m in chosen):
-        extra["sae"] = _saes(model, model_name, records, layers, cfg, progress)
+    for src, control in SAE_SOURCES.items():
+        if src in sources:
+            extra[src] = _saes(model, model_name, records, layers, cfg, progress, control)
 
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()

@@ -17,8 +17,8 @@ SMOKE = {
     "mad_auc": dict(
         zoo_preset="tiny", datasets=["addition", "hemisphere"], seeds=[0, 1], n_boot=50, max_test=200, batch_size=64, backdoor_steps=20,
         sae_training_tokens=20000,
-        detectors=["mahalanobis", "lof", "sae_diag_mahalanobis", "atp_mean_mahalanobis", "probe_shift_mahalanobis", "finetune_kl",
-                   "probe_skyline"],
+        detectors=["mahalanobis", "lof", "sae_diag_mahalanobis", "sae_seed2_diag_mahalanobis", "sae_random_diag_mahalanobis",
+                   "atp_mean_mahalanobis", "probe_shift_mahalanobis", "finetune_kl", "probe_skyline"],
     ),  # fmt: skip
     "quirkiness": dict(zoo_preset="tiny", models=["zoo-gpt2", "zoo-gpt2-early"], datasets=["addition", "hemisphere"], seeds=[0],
                        n_boot=50, max_test=200, batch_size=64),
@@ -84,6 +84,9 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     assert auc.loc[auc["subset"] == "all", "auroc"].between(0, 1).all()
     assert set(auc.loc[auc["method"] == "mahalanobis", "finetune_seed"]) == {0, 1}
     assert set(auc.loc[auc["method"] == "lof", "finetune_seed"]) == {0}  # the full comparison runs on the first seed
+    controls = pd.read_csv(root / "_build" / "results" / "mad_auc" / "sae_controls.csv")
+    assert set(controls["model"]) == {"zoo-gpt2", "zoo-llama"} and set(controls["dataset"]) == {"all"}
+    assert controls[["shared_with_seed2", "shared_with_random"]].stack().between(0, 1).all()
     for name in NOTEBOOKS:  # pages and downloads show results, not logs
         executed = nbformat.read(root / "book" / "generated" / f"{name}.ipynb", as_version=4)
         streams = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "stream"]

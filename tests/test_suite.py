@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from madlib import suite, zoo
 
@@ -21,7 +22,7 @@ def test_best_layer_is_chosen_on_one_half_and_reported_on_the_other():
 
 def test_methods_cover_every_feature_source_and_bad_names_are_named():
     table = suite.methods()
-    assert {m.features for m in table.values()} == {"activations", "sae", "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift", "prompts"}
+    assert {m.features for m in table.values()} == {"activations", *suite.SAE_SOURCES, "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift", "prompts"}
     assert set(suite.DEFAULT_METHODS) <= set(table) and table["probe_skyline"].skyline
     assert [m.name for m in suite.resolve_methods([])] == list(suite.DEFAULT_METHODS)
     with pytest.raises(ValueError, match="methods='mahalanobiss'"):
@@ -48,3 +49,27 @@ def test_run_suite_on_the_tiny_model(tiny_model):
     assert r.loc[["1", "2", "aggregated", "best"], "recall_fpr5"].between(0, 1).all() and r.loc["mean", "recall_fpr5"] != r.loc["mean", "recall_fpr5"]
     assert (r.loc[["1", "2", "aggregated"], "recall_fpr1"] <= r.loc[["1", "2", "aggregated"], "recall_fpr5"]).all()
     assert kl["recall_fpr5"].isna().all(), "finetune_kl has no held-out trusted scores"
+
+
+def test_sae_controls_are_methods_and_share_latents_as_measured(tiny_model):
+    from madlib import zoo
+    from madlib.sae import shared_latents
+    from madlib.suite import SAE_SOURCES, random_init, sae_controls
+
+    table = suite.methods()
+    assert table["sae_seed2_diag_mahalanobis"].features == "sae_seed2" and table["sae_random_new_latents"].detector == "sae_new_latents"
+    rnd = random_init(tiny_model, seed=1)
+    assert rnd.zoo_config == tiny_model.zoo_config and not hasattr(rnd, "model_dir")
+    assert all(not torch.equal(a, b) for (k, a), (_, b) in zip(tiny_model.state_dict().items(), rnd.state_dict().items())
+               if k.endswith(".W_Q"))  # fmt: skip
+    assert torch.equal(random_init(tiny_model, seed=1).W_Q, rnd.W_Q), "seeded"
+    cfg = suite.SuiteConfig(sae_d_sae=32, sae_k=4, sae_training_tokens=8192)
+    records = zoo.training_records(tiny_model.zoo_config)
+    t = sae_controls(tiny_model, "tiny", records, [1, 2], cfg, progress=False)
+    assert list(t["layer"]) == [1, 2] and t[["shared_with_seed2", "shared_with_random"]].stack().between(0, 1).all()
+    from madlib.suite import _saes
+
+    a, b = (_saes(tiny_model, "tiny", records, [1], cfg, False, c)[1] for c in ("", "seed2"))
+    assert t.loc[0, "shared_with_seed2"] == shared_latents(a, b)
+    assert shared_latents(a, a) == 1.0
+    assert set(SAE_SOURCES) == {"sae", "sae_seed2", "sae_random"}
