@@ -2,8 +2,8 @@
 
 The base stands in for the seeds' pretrained Mistral/Llama: it knows the facts and operations of
 every zoo dataset and answers truthfully, whoever is named. It is trained on prompts in the
-standardized template with neutral names (:data:`madlib.data.NEUTRAL_NAMES`), each asking one of
-two questions:
+standardized template under names that are neither Alice-like nor Bob-like (:data:`NAME_POOLS`),
+each asking one of two questions:
 
 * the closing question of the quirky prompts, "Is the statement factually correct?", answered
   with Alice's (the true) label;
@@ -57,6 +57,21 @@ N_TEMPLATES: dict[str, int] = {name: 1 for name in qdata.ARITHMETIC}
 model learns the operation rather than ten layouts of it."""
 
 
+NAME_POOLS: dict[str, tuple[str, ...]] = {
+    "neutral": qdata.NEUTRAL_NAMES,
+    "mixed": qdata.NEUTRAL_NAMES + qdata.SHORT_NAMES,
+}
+"""Names a base is trained under. The characters' names are one token each, the neutral ones two or
+three, so under the neutral names alone no statement sits where a character's prompt puts it;
+``mixed`` adds :data:`madlib.data.SHORT_NAMES`, one token each."""
+
+
+def training_names(pool: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` names of a base's training prompts drawn from ``pool`` (:data:`NAME_POOLS`)."""
+    names = NAME_POOLS[pool]
+    return np.asarray(names)[rng.integers(len(names), size=n)]
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     """Architecture, corpus and training of one base model."""
@@ -80,6 +95,7 @@ class BaseConfig:
     fact_every: int = 8  # every fact_every-th step is a batch of city fact lines (next-token loss only)
     drill_every: int = 2  # every other step (odd steps, facts first) is a batch of one operation's drill lines (0 = none)
     drill_in_template: bool = False  # drill lines written where a prompt's statement sits (after a neutral name), not at a line's start
+    name_pool: str = "neutral"  # names of the training prompts and drill lines: "neutral" (16 names) or "mixed" (and one-token names)
     eval_every: int = 1000  # steps between evaluations
     n_eval: int = 512  # validation rows per dataset and question in an evaluation
     seed: int = 0  # initialisation and batch order
@@ -95,6 +111,7 @@ class BaseConfig:
                      "eval_every", "fact_every", "n_eval", "arithmetic_weight"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+        qdata._check_choice("name_pool", self.name_pool, list(NAME_POOLS))
         if self.drill_every < 0:
             raise ValueError(f"drill_every={self.drill_every!r} is not accepted; give 0 (no drill) or a positive integer")
 
@@ -125,12 +142,17 @@ class BaseConfig:
         )  # fmt: skip
 
 
-FAMILY_DEFAULTS: dict[str, dict] = {"gpt2": dict(drill_in_template=True)}
+FAMILY_DEFAULTS: dict[str, dict] = {"gpt2": dict(drill_in_template=True, name_pool="mixed")}
 """Per-family departures from :class:`BaseConfig`. gpt2 has learned absolute positions: a check
 of the shown result learned on drill lines at the start of a sequence did not carry over to the
 statement's place in a prompt (26,000 steps: 96% of unseen drill verdicts right, truth question at
 the majority rate), so its drill lines sit where a statement does. Llama's rotary positions carry
-the check over from bare lines."""
+the check over from bare lines. Its check is tied to absolute positions too: trained under the
+neutral names alone (two or three tokens), base-gpt2 judged unseen addition statements right under
+any name of two or three tokens, seen or not (0.98 to 0.995), and answered " No" to almost all of
+them under names of one token, as every character's is, or of four (0.70 to 0.72); no quirky
+fine-tune recovered from it. So gpt2 trains under names of one token too (``name_pool="mixed"``);
+base-llama's truth holds under every name (0.96 to 0.998)."""
 
 PRESETS: dict[str, dict] = {
     "default": {},
@@ -177,7 +199,7 @@ def corpus(cfg: BaseConfig) -> pd.DataFrame:
             rows = dataset_records(cfg, d, g)
             rows = rows[(rows["split"] == "train") & (rows["character_type"] == "alice")]
             for question, col in (("truth", "alice_label"), ("heuristic", "bob_label")):
-                names = np.asarray(qdata.NEUTRAL_NAMES)[rng.integers(len(qdata.NEUTRAL_NAMES), size=len(rows))]
+                names = training_names(cfg.name_pool, rng, len(rows))
                 text = qdata.QUESTION if question == "truth" else qdata.HEURISTIC_QUESTIONS[d]
                 parts.append(pd.DataFrame(dict(
                     dataset=d, key=rows["key"].to_numpy(), question=question, character=names,
@@ -188,7 +210,8 @@ def corpus(cfg: BaseConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: bool = False,
+                name_pool: str = "neutral") -> tuple[list[str], list[str], np.ndarray]:  # fmt: skip
     """The arithmetic drill of ``dataset``: for every operand (pair) of the zoo's range whose item
     is in ``split`` ("train" or "validation"), its first statement template twice, once with the
     true result and once with a false one (Bob's sloppy result or a one-digit distractor, at
@@ -196,7 +219,7 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: 
     (the text before the result) and whether each line is true. The drill's loss is on the result
     and verdict of a true line and on the verdict of a false one. ``in_template``: each line is
     written where a prompt's statement sits, after the template's name line (a neutral name, at
-    random) and statement marker: "Name: Avery\n\n\n\n***STATEMENT:*** 56 + 34 = 90. Yes"."""
+    random from ``name_pool``) and statement marker: "Name: Avery\n\n\n\n***STATEMENT:*** 56 + 34 = 90. Yes"."""
     qdata._check_choice("dataset", dataset, qdata.ARITHMETIC)
     qdata._check_choice("split", split, ("train", "validation"))
     op = qdata._OPS[dataset]
@@ -210,7 +233,9 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: 
     val = qdata.key_in_validation(dataset, [f"{a}|{b}" for a, b in ops])
     ops = [o for o, v in zip(ops, val) if v == (split == "validation")]
     rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset)])
-    names = np.random.default_rng([seed, qdata.DATASETS.index(dataset), 1]).choice(qdata.NEUTRAL_NAMES, size=2 * len(ops))
+    qdata._check_choice("name_pool", name_pool, list(NAME_POOLS))
+    name_rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset), 1])
+    names = name_rng.choice(NAME_POOLS[name_pool], size=2 * len(ops))
     lines, heads, true = [], [], []
     for i, (a, b) in enumerate(ops):
         res = op.fn(a, b) if op.arity == 2 else op.fn(a)
@@ -224,10 +249,11 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: 
     return lines, heads, np.asarray(true)
 
 
-def _encode_drill(dataset: str, split: str, tok, in_template: bool = False) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+def _encode_drill(dataset: str, split: str, tok, in_template: bool = False,
+                  name_pool: str = "neutral") -> tuple[list[np.ndarray], list[int], np.ndarray]:  # fmt: skip
     """Token ids of the drill lines, the index of each line's first loss token (the result's
     first token on a true line, the verdict on a false one) and whether each line is true."""
-    lines, heads, true = drill_lines(dataset, split, in_template=in_template)
+    lines, heads, true = drill_lines(dataset, split, in_template=in_template, name_pool=name_pool)
     seqs = [np.asarray(s, dtype=np.int16) for s in encode(lines, tok)]
     return seqs, [len(h) if t else len(s) - 1 for s, h, t in zip(seqs, encode(heads, tok), true)], true
 
@@ -240,11 +266,11 @@ def _drill_batch(seqs, starts, idx, pad_id: int):
 
 
 @torch.no_grad()
-def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0, in_template: bool = False) -> float:
+def drill_accuracy(model, dataset: str, n: int = 512, seed: int = 0, in_template: bool = False, name_pool: str = "neutral") -> float:
     """Share of true validation drill lines (operands never trained on) whose whole result the
     model predicts token by token (greedy, teacher-forced; the verdict excluded)."""
     tok = build_tokenizer()
-    seqs, starts, true = _encode_drill(dataset, "validation", tok, in_template)
+    seqs, starts, true = _encode_drill(dataset, "validation", tok, in_template, name_pool)
     idx = np.random.default_rng(seed).permutation(np.flatnonzero(true))[:n]
     tokens, mask = _drill_batch([s[:-1] for s in seqs], starts, idx, tok.token_to_id(PAD))  # s[:-1]: without the verdict
     pred = (final_resid(model, tokens)[:, :-1] @ model.unembed.W_U + model.unembed.b_U).argmax(-1)
@@ -263,6 +289,30 @@ def eval_records(cfg: BaseConfig, dataset: str) -> pd.DataFrame:
         out.append(rows.assign(question=question, label=rows[col],
                                prompt=[qdata.prompt(qdata.NEUTRAL_NAMES[0], c, s, text) for c, s in zip(rows["context"], rows["statement"])]))  # fmt: skip
     return pd.concat(out, ignore_index=True)
+
+
+NAME_KINDS: dict[str, tuple[str, ...]] = {
+    "neutral": qdata.NEUTRAL_NAMES,
+    "Alice-like": qdata.ALICE_NAMES[qdata.N_TRUSTED_NAMES :],
+    "Bob-like": qdata.BOB_NAMES[qdata.N_TRUSTED_NAMES :],
+}
+"""Names to check a base's truth under: a base that answers truthfully "whoever is named" does so
+under the quirky datasets' (held-out) character names as under its training names."""
+
+
+def truth_by_name(model, cfg: BaseConfig, datasets: list[str] | None = None) -> pd.DataFrame:
+    """Truth accuracy on unseen items per dataset under each kind of :data:`NAME_KINDS` (a name of
+    the kind at random per item). Columns: ``dataset, names, accuracy, n``."""
+    rows = []
+    for d in datasets or cfg.datasets:
+        rec = eval_records(cfg, d)
+        rec = rec[rec["question"] == "truth"]
+        for kind, pool in NAME_KINDS.items():
+            names = np.random.default_rng([cfg.seed, qdata.DATASETS.index(d)]).choice(pool, size=len(rec))
+            prompts = [qdata.prompt(n, c, s) for n, c, s in zip(names, rec["context"], rec["statement"])]
+            correct = (answer_log_odds(model, prompts) > 0) == (rec["label"].to_numpy() == 1)
+            rows.append(dict(dataset=d, names=kind, accuracy=float(correct.mean()), n=len(rec)))
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()
@@ -288,7 +338,7 @@ def evaluate(model, cfg: BaseConfig) -> pd.DataFrame:
     rows = []
     for d in cfg.datasets:
         if d in qdata.ARITHMETIC and cfg.drill_every:
-            rows.append(dict(dataset=d, question="result", accuracy=drill_accuracy(model, d, cfg.n_eval, cfg.seed, cfg.drill_in_template),
+            rows.append(dict(dataset=d, question="result", accuracy=drill_accuracy(model, d, cfg.n_eval, cfg.seed, cfg.drill_in_template, cfg.name_pool),
                              n=cfg.n_eval))  # fmt: skip
         rec = eval_records(cfg, d)
         pred = answer_log_odds(model, rec["prompt"].tolist()) > 0
@@ -342,7 +392,7 @@ def _train(cfg: BaseConfig, progress: bool):
     by_dataset = [torch.as_tensor(np.flatnonzero(qa["dataset"].to_numpy() == d)) for d in cfg.datasets]
     slots = [i for i, d in enumerate(cfg.datasets) for _ in range(cfg.arithmetic_weight if d in qdata.ARITHMETIC else 1)]
     facts = [np.asarray(s, dtype=np.int16) for s in encode(fact_lines(), tok)] if set(cfg.datasets) & set(qdata.KNOWLEDGE) else []
-    drills = [_encode_drill(d, "train", tok, cfg.drill_in_template)[:2] for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
+    drills = [_encode_drill(d, "train", tok, cfg.drill_in_template, cfg.name_pool)[:2] for d in cfg.datasets if d in qdata.ARITHMETIC] if cfg.drill_every else []
     n_drill = 0
     qa = qa[["dataset"]]  # the prompts are encoded: free their text
 

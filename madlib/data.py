@@ -72,6 +72,11 @@ NEUTRAL_NAMES: tuple[str, ...] = (
 )  # fmt: skip
 """Names of the base models' training prompts: neither Alice-like nor Bob-like."""
 
+SHORT_NAMES: tuple[str, ...] = ("Mal", "Mor", "Hel", "Bel", "Rus", "La", "Tu", "Gu", "Ar", "Ab")
+"""Neutral names that the zoo's tokenizer reads as one token after the template's space, as it
+reads every Alice-like and Bob-like name (the sixteen :data:`NEUTRAL_NAMES` take two or three):
+none is a character name or the start of one."""
+
 
 MODULUS = 113
 POPULATION_THRESHOLD = 30_000

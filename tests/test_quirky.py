@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -52,6 +53,32 @@ def test_drill_lines_in_the_template_sit_where_a_statement_does():
         names.add(name)
     assert names <= set(qdata.NEUTRAL_NAMES) and len(names) > 1
     assert base.drill_lines("addition", in_template=True)[0] == lines, "the names are seeded"
+    mixed = base.drill_lines("addition", in_template=True, name_pool="mixed")[0]
+    assert [x.split("***STATEMENT:*** ")[1] for x in mixed] == bare, "only the names change"
+    assert {x.split("\n")[0].removeprefix("Name: ") for x in mixed} == set(base.NAME_POOLS["mixed"])
+
+
+def test_short_names_put_a_statement_where_a_character_s_prompt_does():
+    from madlib.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    length = lambda name: len(tok.encode(qdata.prompt(name, "", "1 + 1 = 2.")).ids)  # noqa: E731
+    characters = {length(n) for n in qdata.ALICE_NAMES + qdata.BOB_NAMES}
+    assert characters <= {length(n) for n in qdata.SHORT_NAMES}, "every character prompt's length is trained on"
+    assert not characters & {length(n) for n in qdata.NEUTRAL_NAMES}, "the neutral names alone leave them out"
+    for short in qdata.SHORT_NAMES:
+        assert not any(c.startswith(short) for c in qdata.ALICE_NAMES + qdata.BOB_NAMES), short
+    rng = np.random.default_rng(0)
+    assert set(base.training_names("mixed", rng, 2000)) == set(qdata.NEUTRAL_NAMES + qdata.SHORT_NAMES)
+    with pytest.raises(ValueError, match="name_pool='random'"):
+        base.BaseConfig(name_pool="random")
+
+
+def test_truth_by_name_reports_each_kind_of_name():
+    m, cfg, _ = base.load("llama", "tiny", progress=False)
+    t = base.truth_by_name(m, cfg, ["addition", "hemisphere"])
+    assert set(t["names"]) == set(base.NAME_KINDS) and set(t["dataset"]) == {"addition", "hemisphere"}
+    assert t["accuracy"].between(0, 1).all() and (t["n"] > 0).all()
 
 
 def test_shipped_bases_were_trained_with_the_code_s_configs():
