@@ -101,6 +101,11 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     for name in NOTEBOOKS:  # no cell prints a file path of the build (e.g. a path a cell ends on)
         page = (root / "_build" / "html" / "book" / "generated" / f"{name}.html").read_text()
         assert str(root / "_build") not in page, f"{name}.html shows a path under _build"
+    for page in (root / "_build" / "html").rglob("*.html"):  # scripts once each; MathJax from the book, not a CDN
+        text = page.read_text()
+        assert text.count("const THEBE_JS_URL") <= 1, page.name
+        assert "cdn.jsdelivr.net/npm/mathjax" not in text, page.name
+    assert (root / "_build" / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
 
     # nothing changed: nothing re-executes; a madlib change re-executes
     assert runner.run_notebooks() == {n: "fresh" for n in NOTEBOOKS}
