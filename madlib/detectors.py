@@ -236,8 +236,8 @@ def check_features(param: str, feats: Features | None, dims: dict | None = None)
             raise ValueError(f"{param}[{layer!r}] holds {bad} NaN or infinite values; detectors need finite features")
         if dims is not None:
             check_layer(dims, layer)
-        if dims is not None and x.shape[1] != dims[layer]:
-            raise ValueError(f"{param}[{layer!r}] has {x.shape[1]} columns; the detector was fitted on {dims[layer]}")
+            if x.shape[1] != dims[layer]:
+                raise ValueError(f"{param}[{layer!r}] has {x.shape[1]} columns; the detector was fitted on {dims[layer]}")
     return feats
 
 

@@ -146,8 +146,15 @@ def sample_texts(texts: list[str], n_tokens: int, seed: int = 0) -> list[str]:
         raise ValueError(f"n_tokens={n_tokens!r} is not accepted; give a positive integer")
     texts = list(texts)
     order = np.random.default_rng(seed).permutation(len(texts))
-    total = np.cumsum(token_counts([texts[i] for i in order]))
-    keep = order[: int(np.searchsorted(total, n_tokens)) + 1]
+    keep, total = [], 0
+    for start in range(0, len(order), 4096):  # encode only as far into the permutation as needed
+        chunk = order[start : start + 4096]
+        reached = total + np.cumsum(token_counts([texts[i] for i in chunk]))
+        stop = int(np.searchsorted(reached, n_tokens)) + 1
+        keep.extend(chunk[:stop])
+        if stop <= len(chunk):
+            break
+        total = int(reached[-1])
     return [texts[i] for i in sorted(keep)]
 
 

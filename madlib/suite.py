@@ -62,11 +62,11 @@ def methods() -> dict[str, Method]:
 
     out = {}
     for name, cls in DETECTORS.items():
-        src = "sae" if name.startswith("sae_") else "activations"
-        out[name] = Method(name, src, name, cls.skyline)
-        if src == "sae":
-            for control in ("sae_seed2", "sae_random"):
-                out[control + name[len("sae") :]] = Method(control + name[len("sae") :], control, name)
+        if name.startswith("sae_"):  # on the SAE's latents and on each control's
+            for src in SAE_SOURCES:
+                out[src + name[len("sae") :]] = Method(src + name[len("sae") :], src, name, cls.skyline)
+        else:
+            out[name] = Method(name, "activations", name, cls.skyline)
     for src in [*ATP_SOURCES, "probe_shift"]:
         for det in ("mahalanobis", "lof"):
             out[f"{src}_{det}"] = Method(f"{src}_{det}", src, det)
