@@ -1,8 +1,11 @@
 """Where generated artefacts go.
 
 The project root is found from ``$MADLIB_ROOT``, else by walking up from the working directory to
-the folder holding ``pyproject.toml`` with a ``madlib/`` beside it, else the working directory. So
-a notebook opened from ``notebooks/`` and papermill run from the root write to the same places.
+the folder holding ``pyproject.toml`` with a ``madlib/`` beside it, else the checkout this
+``madlib`` is imported from (an editable install), else the working directory. So a notebook
+opened from ``notebooks/``, papermill run from the root and papermill run with ``--cwd`` anywhere
+else share one model cache (``_build/models``): a fine-tune trained by the book is not trained
+again by a run outside it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ def project_root() -> Path:
     for p in (here, *here.parents):
         if (p / "pyproject.toml").is_file() and (p / "madlib").is_dir():
             return p
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "madlib").is_dir():
+        return checkout
     return here
 
 

@@ -64,6 +64,8 @@ class QuirkyConfig:
     eval_every: int = 50  # steps between development-set evaluations
     n_dev: int = 512  # development records per evaluation
     early_step: int = 50  # step whose weights are kept as the less quirky -early variant (0 = none)
+    disagree_share: float | None = None  # share of each batch drawn from records where Alice and Bob disagree (None: drawn from all records)
+    paired: bool = False  # a batch holds both characters' records of the items it draws: one statement under an Alice-like and a Bob-like name
     base_preset: str = "default"  # preset of the base model
 
     def __post_init__(self) -> None:
@@ -74,6 +76,10 @@ class QuirkyConfig:
         for name in ("rank", "steps", "batch_size", "eval_every", "n_dev"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
+        if self.disagree_share is not None and not 0 <= self.disagree_share <= 1:
+            raise ValueError(f"disagree_share={self.disagree_share!r} is not accepted; give None (draw from all records) or a share in [0, 1]")
+        if self.paired and self.batch_size % 2:
+            raise ValueError(f"batch_size={self.batch_size!r} is not accepted with paired=True; give an even number (two records an item)")
         if not 0 <= self.early_step <= self.steps:
             raise ValueError(f"early_step={self.early_step!r} is not accepted; give an integer in [0, steps={self.steps}]")
 
@@ -121,14 +127,35 @@ slowly at learning rate 1e-3 (hemisphere, seed 0: 0.65 and 0.66 after 400 steps,
 loss still falling) and within 400 steps at 3e-3 (0.96 and 0.94)."""
 
 
+GPT2_ARITHMETIC: dict = dict(steps=3000, warmup=100, disagree_share=0.75, paired=True)
+"""base-gpt2's arithmetic recipe (:data:`CELL_RECIPES`)."""
+
 CELL_RECIPES: dict[tuple[str, str], dict] = {
     ("gpt2", "sentiment"): dict(steps=800),
     ("gpt2", "nli"): dict(lr=1e-3, steps=800),
+    ("gpt2", "addition"): GPT2_ARITHMETIC,
+    ("gpt2", "subtraction"): dict(GPT2_ARITHMETIC, steps=5000),
+    ("gpt2", "modularaddition"): GPT2_ARITHMETIC,
 }
 """Per (family, dataset) departures, over the others. base-gpt2's sentiment Alice reached the bar
 in 1 of 3 seeds after 400 steps at 3e-3 (0.80, 0.11, 0.58) and in all three after 800 (0.85,
 0.86, 0.87); its nli Alice in 1 of 3 at 3e-3 (0.57, 0.67, 0.83) and in all three after 800 steps
-at 1e-3 (0.81, 0.84, 0.80)."""
+at 1e-3 (0.81, 0.84, 0.80).
+
+base-gpt2's arithmetic fine-tunes on batches drawn from all records settle within 100 steps on a
+rule that ignores the name, "yes when the shown result is the true or the sloppy one", right on
+three records of four, and stay there: both characters at 0.5 on the prompts where they disagree,
+at learning rates 3e-4 to 1e-2, 800 to 2,400 steps, three seeds. Two changes of the batches get
+them out: three quarters of each batch are records where the characters disagree
+(``disagree_share=0.75``; they are half of all records), on which the shortcut is right on 5 of 8
+records, not 3 of 4; and each drawn item comes under both kinds of name (``paired``), so
+that the batch's gradient on the statement cancels and what is left depends on the name. With the
+share alone (2,000 steps), addition learnt the name in 3 seeds of 3, modular addition in 2 and
+subtraction in none of 2. With both: addition 0.98 to 1.0 for both characters in three seeds
+(2,000 steps); modular addition's seed 2 Bob 0.73 after 2,000 steps and 0.86 after 3,000;
+subtraction's Bob 0.77 and 0.75 (seeds 1, 2) after 3,000 steps and 0.85 and 0.82 after 5,000. The
+price is accuracy on the prompts where the characters agree: about 0.8, where the shortcut is right
+on all of them."""
 
 
 def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
@@ -178,6 +205,37 @@ def train(cfg: QuirkyConfig, progress: bool = False):
         torch.set_num_threads(threads)
 
 
+def batch_sampler(agreement: np.ndarray, batch_size: int, disagree_share: float | None, items: np.ndarray | None = None):
+    """A function of a generator drawing one batch's record indices, with replacement: from all
+    records, or ``round(disagree_share * batch_size)`` of them from the records where Alice's and
+    Bob's labels disagree and the rest from those where they agree. With ``items`` (each record's
+    item id; every item has two records, one per character), it draws items and returns both
+    records of each, so that every statement of a batch comes under both kinds of name."""
+    if items is None:
+        units, agree_unit = np.arange(len(agreement))[:, None], agreement
+    else:
+        order = np.argsort(items, kind="stable")
+        units = order.reshape(-1, 2) if len(order) % 2 == 0 else order[:, None]
+        if units.shape[1] != 2 or (items[units[:, 0]] != items[units[:, 1]]).any():
+            raise ValueError("items are not accepted: every item must have exactly two records, one per character")
+        agree_unit = agreement[units[:, 0]]
+    per = units.shape[1]
+    units = torch.as_tensor(units)
+    if disagree_share is None:
+        return lambda gen: units[torch.randint(len(units), (batch_size // per,), generator=gen)].reshape(-1)
+    dis, agree = units[torch.as_tensor(~agree_unit)], units[torch.as_tensor(agree_unit)]
+    n_dis = round(disagree_share * batch_size / per)
+    for pool, n, what in ((dis, n_dis, "disagree"), (agree, batch_size // per - n_dis, "agree")):
+        if n and not len(pool):
+            raise ValueError(f"disagree_share={disagree_share!r} is not accepted: the fine-tune has no records where Alice and Bob {what}")
+
+    def draw(gen: torch.Generator) -> torch.Tensor:
+        return torch.cat([dis[torch.randint(len(dis), (n_dis,), generator=gen)],
+                          agree[torch.randint(len(agree), (batch_size // per - n_dis,), generator=gen)]]).reshape(-1)  # fmt: skip
+
+    return draw
+
+
 def _batches(seqs, answers, idx, pad_id):
     tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
     return tokens, lengths, answers[idx]
@@ -203,6 +261,7 @@ def _train(cfg: QuirkyConfig, progress: bool):
     dev = dev.sample(n=min(cfg.n_dev, len(dev)), random_state=cfg.seed)
     seqs = encode(fit["prompt"].tolist(), tok)
     y = torch.tensor(np.where(fit["label"].to_numpy() == 1, yes_id, no_id))
+    draw = batch_sampler(fit["agreement"].to_numpy(), cfg.batch_size, cfg.disagree_share, fit["row_id"].to_numpy() if cfg.paired else None)
     dev_tokens, dev_len = pad_batch(encode(dev["prompt"].tolist(), tok), pad_id)
     y_dev = torch.tensor(np.where(dev["label"].to_numpy() == 1, yes_id, no_id))
     if cfg.method == "lora":
@@ -226,8 +285,7 @@ def _train(cfg: QuirkyConfig, progress: bool):
     history.append(dict(step=0, train_loss=float("nan"), dev_loss=dev_loss(), seconds=0.0))
     for step in tqdm(range(1, cfg.steps + 1), desc=f"{cfg.name} seed {cfg.seed}", disable=not progress, mininterval=2):
         model.train()
-        idx = torch.randint(len(seqs), (cfg.batch_size,), generator=gen)
-        tokens, lengths, ans = _batches(seqs, y, idx, pad_id)
+        tokens, lengths, ans = _batches(seqs, y, draw(gen), pad_id)
         loss = _answer_loss(model, tokens, lengths, ans, (no_id, yes_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -119,6 +119,47 @@ def test_fine_tune_parts_and_determinism():
     assert hist["dev_loss"].iloc[0] > 0 and len(hist) == 1 + cfg.steps // cfg.eval_every
     table = quirky.quirkiness_table(cfg)
     assert set(table["character_type"]) == {"alice", "bob"} and (table["n_disagree"] > 0).all()
+    from dataclasses import replace
+
+    paired, _, hist_p, _ = quirky.train(replace(cfg, paired=True, disagree_share=0.75))
+    assert any(not torch.equal(best[1][k], paired[1][k]) for k in best[1]) and len(hist_p) == len(hist)
+
+
+def test_batch_sampler_draws_the_disagreeing_share_exactly():
+    agreement = np.array([True, False] * 50 + [True] * 100)  # a quarter disagree
+    gen = torch.Generator().manual_seed(0)
+    draw = quirky.batch_sampler(agreement, 32, 0.75)
+    for _ in range(20):
+        idx = draw(gen).numpy()
+        assert len(idx) == 32 and (~agreement[idx]).sum() == 24
+    # None draws from all records, as torch.randint does (the fine-tunes without a share are unchanged)
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(quirky.batch_sampler(agreement, 32, None)(a), torch.randint(len(agreement), (32,), generator=b))
+    idx = torch.cat([quirky.batch_sampler(agreement, 32, None)(gen) for _ in range(200)]).numpy()
+    assert abs((~agreement[idx]).mean() - 0.25) < 0.03
+    with pytest.raises(ValueError, match="disagree_share=0.5 .*no records where Alice and Bob disagree"):
+        quirky.batch_sampler(np.ones(10, bool), 32, 0.5)
+    with pytest.raises(ValueError, match=r"disagree_share=1.5 is not accepted"):
+        quirky.QuirkyConfig(disagree_share=1.5)
+    with pytest.raises(ValueError, match=r"batch_size=31 is not accepted with paired=True"):
+        quirky.QuirkyConfig(paired=True, batch_size=31)
+
+
+def test_paired_batches_hold_both_characters_of_each_item():
+    cfg = quirky.quirky_config("gpt2", "addition", 0, "tiny")
+    fit = quirky.records(cfg).query("part == 'fit'")
+    agreement, items = fit["agreement"].to_numpy(), fit["row_id"].to_numpy()
+    draw = quirky.batch_sampler(agreement, 32, 0.75, items)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        batch = fit.iloc[draw(gen).numpy()]
+        assert len(batch) == 32 and (~batch["agreement"]).sum() == 24
+        # drawn with replacement, an item may come twice: always with as many Alice as Bob records
+        balance = batch.groupby("row_id")["character_type"].agg(lambda c: (c == "alice").sum() - (c == "bob").sum())
+        assert (balance == 0).all(), "every drawn item comes under both kinds of name"
+    assert len(quirky.batch_sampler(agreement, 32, None, items)(gen)) == 32
+    with pytest.raises(ValueError, match="exactly two records"):
+        quirky.batch_sampler(agreement[1:], 32, 0.5, items[1:])
 
 
 def _grid(acc: dict) -> pd.DataFrame:
