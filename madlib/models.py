@@ -204,6 +204,41 @@ def resolve(spec: str, param: str) -> tuple[Path, str | None]:
     return snap, snap.name
 
 
+def _misspelt_zoo_name(spec: str, param: str):
+    import difflib
+
+    close = difflib.get_close_matches(spec.split("@")[0], list(zoo.ZOO), n=1)
+    raise ValueError(f"{param}={spec!r} is not accepted; zoo models are {list(zoo.ZOO)}"
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
+
+
+def check_available(specs: list[str], param: str = "model") -> None:
+    """Fail at once, in one line, on the first of ``specs`` that cannot be loaded: a misspelt zoo
+    name, a path that is not a directory, or a hub id the hub does not answer for and the cache does
+    not hold. Nothing is downloaded: a notebook calls this before analysing its first model, so
+    that the last model of a list does not fail after the others' analyses."""
+    from huggingface_hub import snapshot_download
+
+    for spec in specs:
+        if spec in zoo.ZOO or Path(spec).expanduser().is_dir():
+            continue
+        if spec.startswith("zoo-"):
+            _misspelt_zoo_name(spec, param)
+        if not _REPO_ID.match(spec):
+            raise ValueError(
+                f"{param}={spec!r} is not accepted; give a zoo name {list(zoo.ZOO)}, a Hugging Face hub id (org/name) "
+                "or an existing local directory"
+            )
+        reason = hub_unreachable(spec)
+        if reason is None:
+            continue
+        try:
+            with hub_offline():
+                snapshot_download(spec, local_files_only=True, ignore_patterns=list(_WEIGHTS_IGNORED))
+        except Exception:
+            raise HubUnavailableError(unavailable_message(param, spec, reason)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -347,11 +382,7 @@ def load_model(
             )
         return zoo.get_model(spec, preset=preset)
     if spec.startswith("zoo-") and not Path(spec).exists():
-        import difflib
-
-        close = difflib.get_close_matches(spec.split("@")[0], list(zoo.ZOO), n=1)
-        raise ValueError(f"model={spec!r} is not accepted; zoo models are {list(zoo.ZOO)}"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))  # fmt: skip
+        _misspelt_zoo_name(spec, "model")
     if is_zoo_dir(spec):
         if adapter is not None:
             raise ValueError(f"adapter={adapter!r} is not accepted for the zoo model directory {spec!r}")

@@ -174,6 +174,30 @@ def test_unreachable_hub_id_fails_at_once_in_one_line(monkeypatch, tmp_path):
         models.load_model("/no/such/dir")
 
 
+def test_check_available_fails_on_the_first_unloadable_model_before_any_work(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    models.check_available(["zoo-gpt2", "zoo-llama-early", str(tmp_path)])  # zoo names and directories pass
+    t0 = time.time()
+    with pytest.raises(models.HubUnavailableError) as err:
+        models.check_available(["zoo-gpt2", "madlib-tests/no-such-model"])
+    assert time.time() - t0 < 5
+    assert "\n" not in str(err.value) and str(err.value).startswith("model='madlib-tests/no-such-model' could not be fetched")
+    with pytest.raises(ValueError, match=r"model='zoo-gtp2' is not accepted; .*did you mean 'zoo-gpt2'"):
+        models.check_available(["zoo-gtp2"])
+    with pytest.raises(ValueError, match=r"model='no such/dir/x' is not accepted"):
+        models.check_available(["no such/dir/x"])
+    # a hub id in the cache passes offline
+    snap = tmp_path / "models--org--cached" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "models--org--cached" / "refs" / "main").write_text("abc")
+    models.check_available(["org/cached"])
+
+
 def test_zoo_names_delegate_to_the_zoo(monkeypatch):
     from madlib import zoo
 

@@ -92,9 +92,14 @@ def test_value_rules_refuse_in_one_line(name, value, message):
     ("benchmarks", dict(repeats=0), "repeats=0 is not accepted; give a number >= 1"),
     ("quirkiness", dict(zoo_preset="tiney"), "zoo_preset='tiney' is not accepted \\(did you mean 'tiny'\\?\\)"),
     ("drift", dict(finetune_lr=0.0), "finetune_lr=0.0 is not accepted; give a number > 0"),
+    ("mad_auc", dict(model=["zoo-gpt2", "madlib-tests/no-such-model"]), "model='madlib-tests/no-such-model' could not be fetched"),
+    ("quirkiness", dict(models=["zoo-gtp2"]), "models='zoo-gtp2' is not accepted; .*did you mean 'zoo-gpt2'"),
 ])  # fmt: skip
-def test_notebooks_refuse_out_of_range_values_in_their_first_cells(tmp_path, notebook, params, message):
+def test_notebooks_refuse_out_of_range_values_in_their_first_cells(tmp_path, monkeypatch, notebook, params, message):
     import papermill as pm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel inherits it: a hub id is looked up in the cache only
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
 
     with pytest.raises(pm.PapermillExecutionError, match=message):
         pm.execute_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
