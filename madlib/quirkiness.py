@@ -353,10 +353,10 @@ class QuirkConfig:
                 f"models={self.models!r} and datasets={self.datasets!r} give {len(self.models) * len(self.datasets)} "
                 "model x dataset points; the correlations need at least 3"
             )
-        from .suite import methods
+        from .suite import resolve_methods
 
-        for d in [*self.detectors, self.separation_detector]:
-            qdata._check_choice("detectors", d, sorted(methods()))
+        resolve_methods(self.detectors, "detectors")
+        resolve_methods([self.separation_detector], "separation_detector")
         for name in ("max_test", "n_boot", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (2 if name == "max_test" else 1):

@@ -83,12 +83,18 @@ DEFAULT_METHODS: tuple[str, ...] = (
 """The methods the MAD chapter compares (every feature source, every detector family)."""
 
 
-def resolve_methods(names) -> list[Method]:
-    """Validated methods for a ``methods`` parameter (empty means :data:`DEFAULT_METHODS`)."""
+def resolve_methods(names, param: str = "methods") -> list[Method]:
+    """Validated methods for a ``methods`` parameter (empty means :data:`DEFAULT_METHODS`); a
+    misspelt one is refused naming ``param`` and the closest method."""
+    import difflib
+
     table = methods()
     names = list(names) or list(DEFAULT_METHODS)
     for n in names:
-        qdata._check_choice("methods", n, sorted(table))
+        if n not in table:
+            close = difflib.get_close_matches(str(n), list(table), n=1)
+            raise ValueError(f"{param}={n!r} is not accepted" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; choose from madlib.suite.methods(): {sorted(table)}")  # fmt: skip
     return [table[n] for n in names]
 
 

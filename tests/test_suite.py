@@ -27,6 +27,8 @@ def test_methods_cover_every_feature_source_and_bad_names_are_named():
     assert [m.name for m in suite.resolve_methods([])] == list(suite.DEFAULT_METHODS)
     with pytest.raises(ValueError, match="methods='mahalanobiss'"):
         suite.resolve_methods(["mahalanobiss"])
+    with pytest.raises(ValueError, match=r"^detectors='mahalanobs' is not accepted \(did you mean 'mahalanobis'\?\); choose from"):
+        suite.resolve_methods(["mahalanobs"], "detectors")
 
 
 def test_run_suite_on_the_tiny_model(tiny_model):
