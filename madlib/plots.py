@@ -24,6 +24,31 @@ def write_table(df: pd.DataFrame, analysis: str, name: str) -> None:
         df.to_csv(tmp, index=False)
 
 
+METRIC_LABELS: dict[str, str] = {"auroc": "AUROC", "recall_fpr1": "R@1%", "recall_fpr5": "R@5%"}
+"""Short column labels of the MAD tables: AUROC, and recall at 1% / 5% false-positive rate
+(threshold at that quantile of the held-out trusted scores)."""
+
+
+def metric_table(auc: pd.DataFrame, methods: list[str], columns: str | list[str] = "dataset",
+                 metrics: tuple[str, ...] = ("auroc", "recall_fpr1"), caption: str = "", **where):  # fmt: skip
+    """A MAD table for reading: one row per method (in ``methods``' order), a column per value of
+    ``columns`` and metric (AUROC beside recall at 1% FPR by default), means over any other rows
+    left by ``where`` (column -> value or list of values, e.g. ``model="zoo-gpt2", layer="aggregated"``),
+    rounded to two decimals, with a caption. The CSVs keep full precision."""
+    a = auc
+    for k, v in where.items():
+        a = a[a[k].isin(v)] if isinstance(v, (list, tuple)) else a[a[k] == v]
+    cols = [columns] if isinstance(columns, str) else list(columns)
+    keys = list(dict.fromkeys(map(tuple, a[cols].to_numpy())))
+    t = a.pivot_table(index="method", columns=cols, values=list(metrics), aggfunc="mean")
+    t.columns = [(*c[1:], c[0]) for c in t.columns]
+    t = t.reindex(columns=[(*k, m) for k in keys for m in metrics])
+    t.columns = pd.MultiIndex.from_tuples([(*k, METRIC_LABELS.get(m, m)) for k in keys for m in metrics], names=[*cols, ""])
+    t = t.reindex([m for m in methods if m in t.index])
+    t.index.name = None
+    return t.style.format(precision=2, na_rep="–").set_caption(caption)
+
+
 def method_layer_curves(auc: pd.DataFrame, methods: list[str], subset: str = "all", ncols: int = 4):
     """Per-layer AUROC with bootstrap CI bands for one model: one panel per method, one line per
     dataset (seed Fig. 1, for every method)."""

@@ -96,3 +96,27 @@ def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
     cb = mad.compare_methods(auc, "c", "b")
     assert cb["low"] < 0 < cb["high"] and cb["verdict"] == "no difference" and "covers zero" in cb["text"]
     assert mad.compare_methods(auc, "a", "missing") is None
+
+
+def test_metric_table_puts_recall_beside_auroc_per_dataset():
+    from madlib import plots
+
+    rows = []
+    for model in ("m1", "m2"):
+        for ds in ("addition", "nli"):
+            for method in ("mahalanobis", "lof"):
+                for subset in ("all", "agree"):
+                    rows.append(dict(model=model, dataset=ds, method=method, layer="aggregated", task="quirky", subset=subset,
+                                     auroc=0.5 + 0.1 * (ds == "nli") + 0.01 * (method == "lof") + 0.2 * (model == "m2"),
+                                     recall_fpr1=0.05 if subset == "all" else 0.9))  # fmt: skip
+    auc = pd.DataFrame(rows)
+    styler = plots.metric_table(auc, ["lof", "mahalanobis", "absent"], model="m1", layer="aggregated", subset="all", caption="c")
+    t = styler.data
+    assert list(t.index) == ["lof", "mahalanobis"]
+    assert list(t.columns) == [("addition", "AUROC"), ("addition", "R@1%"), ("nli", "AUROC"), ("nli", "R@1%")]
+    assert t.loc["lof", ("nli", "AUROC")] == pytest.approx(0.61) and t.loc["mahalanobis", ("addition", "R@1%")] == 0.05
+    assert "<caption>c</caption>" in styler.to_html()
+    # columns of several keys, other rows averaged (here over the two datasets)
+    t2 = plots.metric_table(auc, ["mahalanobis"], columns=["model", "subset"], layer="aggregated").data
+    assert t2.loc["mahalanobis", ("m2", "all", "AUROC")] == pytest.approx(0.75)
+    assert t2.loc["mahalanobis", ("m1", "agree", "R@1%")] == pytest.approx(0.9)
