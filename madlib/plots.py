@@ -10,6 +10,25 @@ import seaborn as sns
 from .paths import atomic_path, results_dir
 
 
+COLUMN_PX = 784
+"""Width of the book's text column in CSS pixels: a wider figure is shown scaled down to it."""
+COLUMN_INCHES = 7.0
+"""Width the figures are drawn at, so that they are shown at (about) their natural size."""
+
+
+def displayed_text_px(fig, column_px: int = COLUMN_PX) -> float:
+    """Height in CSS pixels, as shown in the book, of the smallest visible text of ``fig``: the
+    notebook shows the figure at ``figure.dpi`` with a tight bounding box, scaled down to
+    ``column_px`` if wider. The book's figures keep this at 9 px or more."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width_in = fig.get_tightbbox(renderer).width
+    px_per_pt = min(fig.dpi, column_px / width_in) / 72
+    sizes = [t.get_fontsize() for t in fig.findobj(plt.Text) if t.get_visible() and t.get_text().strip()
+             and t.get_window_extent(renderer).width > 0]  # fmt: skip
+    return min(sizes) * px_per_pt if sizes else float("inf")
+
+
 def savefig(fig, analysis: str, name: str) -> None:
     """Save ``fig`` as ``<results>/<analysis>/<name>.png`` (atomically). Nothing is returned, so a
     notebook cell ending in this call shows the figure, not a path of the build."""
@@ -49,14 +68,14 @@ def metric_table(auc: pd.DataFrame, methods: list[str], columns: str | list[str]
     return t.style.format(precision=2, na_rep="–").set_caption(caption)
 
 
-def method_layer_curves(auc: pd.DataFrame, methods: list[str], subset: str = "all", ncols: int = 4):
+def method_layer_curves(auc: pd.DataFrame, methods: list[str], subset: str = "all", ncols: int = 2):
     """Per-layer AUROC with bootstrap CI bands for one model: one panel per method, one line per
-    dataset (seed Fig. 1, for every method)."""
+    dataset (seed Fig. 1, for every method), drawn at the column's width (two panels a row)."""
     d = auc[auc["method"].isin(methods) & (auc["subset"] == subset) & auc["layer"].str.isdigit()].copy()
     d["layer"] = d["layer"].astype(int)
     shown = [m for m in methods if m in set(d["method"])]
     nrows = max(1, -(-len(shown) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(COLUMN_INCHES, 2.1 * nrows + 0.9), sharey=True, squeeze=False)
     palette = dict(zip(sorted(d["dataset"].unique()), sns.color_palette("tab10")))
     for ax, m in zip(axes.flat, shown):
         for ds, g in d[d["method"] == m].groupby("dataset"):
@@ -64,17 +83,24 @@ def method_layer_curves(auc: pd.DataFrame, methods: list[str], subset: str = "al
             ax.plot(g["layer"], g["auroc"], marker="o", ms=3, color=palette[ds], label=ds)
             ax.fill_between(g["layer"], g["ci_low"], g["ci_high"], color=palette[ds], alpha=0.12)
         ax.axhline(0.5, color="grey", ls=":", lw=1)
-        ax.set(title=m, ylim=(0, 1.02))
+        ax.set_title(m, fontsize=9)
+        ax.set_ylim(0, 1.02)
         ax.set_xticks(sorted(d.loc[d["method"] == m, "layer"].unique()))
+        ax.tick_params(labelsize=8)
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("AUROC")
-    if shown:
-        axes.flat[0].legend(fontsize=7, loc="lower left")
+        ax.set_ylabel("AUROC", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("layer", fontsize=8)
     model = ", ".join(d["model"].unique())
-    fig.suptitle(f"{model}: AUROC per layer ({subset} test prompts)")
-    fig.tight_layout()
+    height = fig.get_size_inches()[1]
+    fig.suptitle(f"{model}: AUROC per layer ({subset} test prompts; bands: 95% bootstrap intervals)", fontsize=10, y=1 - 0.05 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))
+    if shown:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8,
+                   bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)  # fmt: skip
     return fig
 
 
@@ -83,23 +109,26 @@ def method_heatmap(auc: pd.DataFrame, model: str, layer: str = "aggregated", sub
     d = auc[(auc["model"] == model) & (auc["layer"] == layer) & (auc["subset"] == subset)]
     order = list(dict.fromkeys(d["method"]))
     table = d.pivot_table(index="method", columns="dataset", values="auroc").reindex(order)
+    table = table[[c for c in dict.fromkeys(d["dataset"]) if c in table.columns]]
     table.index = [f"{m} (skyline)" if d.loc[d["method"] == m, "skyline"].any() else m for m in table.index]
-    fig, ax = plt.subplots(figsize=(1.0 * table.shape[1] + 3.5, 0.32 * table.shape[0] + 1.5))
+    fig, ax = plt.subplots(figsize=(min(COLUMN_INCHES, 0.6 * table.shape[1] + 3.2), 0.26 * table.shape[0] + 1.6))
     sns.heatmap(table, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="RdBu_r", center=0.5, cbar_kws=dict(label="AUROC"),
                 annot_kws=dict(fontsize=7), ax=ax)  # fmt: skip
-    ax.set(title=f"{model}: {layer} AUROC, {subset} test prompts", xlabel="", ylabel="")
-    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(f"{model}: {layer} AUROC, {subset} test prompts", fontsize=10)
+    ax.set(xlabel="", ylabel="")
+    ax.tick_params(axis="x", rotation=40, labelsize=8)
+    ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     return fig
 
 
 def score_histograms(scores: pd.DataFrame, methods: list[str], layer: str):
-    """Normal vs anomalous test scores per method (rows) and dataset (columns) at one layer."""
+    """Normal vs anomalous test scores per dataset (rows) and method (columns) at one layer."""
     d = scores[scores["method"].isin(methods) & (scores["layer"] == layer)]
     datasets = list(dict.fromkeys(d["dataset"]))
-    fig, axes = plt.subplots(len(methods), len(datasets), figsize=(2.6 * len(datasets), 2.0 * len(methods)), squeeze=False)
-    for i, m in enumerate(methods):
-        for j, ds in enumerate(datasets):
+    fig, axes = plt.subplots(len(datasets), len(methods), figsize=(COLUMN_INCHES, 1.1 * len(datasets) + 0.8), squeeze=False)
+    for i, ds in enumerate(datasets):
+        for j, m in enumerate(methods):
             ax = axes[i, j]
             g = d[(d["method"] == m) & (d["dataset"] == ds)]
             if len(g):
@@ -107,12 +136,14 @@ def score_histograms(scores: pd.DataFrame, methods: list[str], layer: str):
                 for anomalous, colour, name in ((False, "tab:blue", "normal"), (True, "tab:red", "anomalous")):
                     ax.hist(g.loc[g["is_anomalous"] == anomalous, "score"], bins=bins, alpha=0.55, color=colour, label=name, density=True)
             ax.set_yticks([])
+            ax.tick_params(labelsize=7)
             if i == 0:
-                ax.set_title(ds, fontsize=9)
+                ax.set_title(m, fontsize=8)
             if j == 0:
-                ax.set_ylabel(m, fontsize=8)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+                ax.set_ylabel(ds, fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -122,30 +153,30 @@ def aggregated_bars(auc: pd.DataFrame, method: str, layer: str = "aggregated", s
     datasets = list(dict.fromkeys(d["dataset"]))
     models = list(dict.fromkeys(d["model"]))
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(1.3 * len(datasets) + 2, 3.8))
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 3.6))
     x = np.arange(len(datasets))
     for i, m in enumerate(models):
         g = d[d["model"] == m].set_index("dataset").reindex(datasets)
         err = np.vstack([g["auroc"] - g["ci_low"], g["ci_high"] - g["auroc"]])
         ax.bar(x + (i - (len(models) - 1) / 2) * width, g["auroc"], width, yerr=err, capsize=3, label=m)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xticks(x, datasets, rotation=30)
-    ax.set(ylabel=f"AUROC ({layer})", ylim=(0, 1.05), title=f"{method}: {layer} over layers, {subset} test examples")
-    ax.legend(fontsize=8)
+    ax.set_xticks(x, datasets, rotation=30, ha="right")
+    ax.set(ylabel=f"AUROC ({layer})", ylim=(0, 1.05))
+    ax.set_title(f"{method}: {layer} over layers, {subset} test prompts (whiskers: 95% intervals)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
 
 def own_accuracy_seeds(grid: pd.DataFrame, bars: dict[str, float] | None = None):
     """Own-label accuracy on hard disagreeing test prompts per dataset, one panel per family and
-    checkpoint: a dot per seed and character, the mean as a bar; ``bars`` draws each dataset's
-    quirkiness threshold."""
+    checkpoint (stacked, at the column's width): a dot per seed and character, the mean as a bar;
+    ``bars`` draws each dataset's quirkiness threshold."""
     families = list(dict.fromkeys(grid["family"]))
     checkpoints = [c for c in ("best", "early") if c in set(grid["checkpoint"])]
-    fig, axes = plt.subplots(len(checkpoints), len(families), figsize=(7 * len(families), 4 * len(checkpoints)), squeeze=False,
-                             sharey=True)  # fmt: skip
-    datasets = list(dict.fromkeys(grid["dataset"]))
     panels = [(f, c) for c in checkpoints for f in families]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(COLUMN_INCHES, 2.6 * len(panels) + 0.4), squeeze=False, sharex=True, sharey=True)
+    datasets = list(dict.fromkeys(grid["dataset"]))
     for ax, (family, ckpt) in zip(axes.flat, panels):
         g = grid[(grid["family"] == family) & (grid["checkpoint"] == ckpt)]
         sns.barplot(g, x="dataset", y="acc_own_label_disagree", hue="character_type", order=datasets, hue_order=["alice", "bob"],
@@ -156,10 +187,10 @@ def own_accuracy_seeds(grid: pd.DataFrame, bars: dict[str, float] | None = None)
             for i, d in enumerate(datasets):
                 ax.hlines(bars[d], i - 0.45, i + 0.45, color="black", ls="--", lw=1)
         ax.axhline(0.5, color="red", lw=0.8, ls=":")
-        ax.set(title=f"zoo-{family}" + ("" if ckpt == "best" else "-early"), xlabel="", ylim=(0, 1.02),
-               ylabel="own-label accuracy, hard prompts where labels disagree")  # fmt: skip
-        ax.tick_params(axis="x", rotation=45)
-        ax.legend(title="character", fontsize=8, loc="lower left")
+        ax.set_title(f"zoo-{family}" + ("" if ckpt == "best" else "-early"), fontsize=10)
+        ax.set(xlabel="", ylim=(0, 1.02), ylabel="own-label accuracy")
+        ax.tick_params(axis="x", rotation=30, labelsize=9)
+        ax.legend(title="character", fontsize=8, title_fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -167,25 +198,24 @@ def own_accuracy_seeds(grid: pd.DataFrame, bars: dict[str, float] | None = None)
 def base_curves(histories: dict[str, pd.DataFrame]):
     """Per base model: training losses by batch kind, and accuracy on unseen items per dataset:
     the truth question (solid) and, for arithmetic sets, the exact drill result (dotted)."""
-    fig, axes = plt.subplots(2, len(histories), figsize=(6.5 * len(histories), 7), squeeze=False)
+    fig, axes = plt.subplots(2 * len(histories), 1, figsize=(COLUMN_INCHES, 3.4 * 2 * len(histories)), squeeze=False)
     losses = {"train_answer_loss": "answer token", "train_lm_loss": "next-token, true statements",
               "train_fact_loss": "next-token, city fact lines", "train_drill_loss": "next-token, drill results"}  # fmt: skip
-    for col, (name, h) in enumerate(histories.items()):
-        ax = axes[0][col]
+    for i, (name, h) in enumerate(histories.items()):
+        ax = axes[2 * i][0]
         for c, label in losses.items():
             if c in h and h[c].notna().any():
                 ax.plot(h["step"], h[c], label=label)
         ax.set(title=f"{name}: training losses", xlabel="step", ylabel="cross-entropy (nats)")
         ax.legend(fontsize=8)
-        ax = axes[1][col]
+        ax = axes[2 * i + 1][0]
         acc = [c for c in h.columns if c.startswith("acc_") and c.endswith("_truth")]
-        for i, c in enumerate(acc):
-            ax.plot(h["step"], h[c], label=c[4:-6], color=f"C{i}")
+        for j, c in enumerate(acc):
+            ax.plot(h["step"], h[c], label=c[4:-6], color=f"C{j}")
             if c.replace("_truth", "_result") in h:
-                ax.plot(h["step"], h[c.replace("_truth", "_result")], color=f"C{i}", ls=":")
-        ax.set(title=f"{name}: accuracy on unseen items (solid: truth question; dotted: drill result)",
+                ax.plot(h["step"], h[c.replace("_truth", "_result")], color=f"C{j}", ls=":")
+        ax.set(title=f"{name}: accuracy on unseen items (solid: truth; dotted: drill result)",
                xlabel="step", ylabel="accuracy", ylim=(0, 1.01))  # fmt: skip
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     return fig
