@@ -33,6 +33,7 @@ from . import data as qdata
 from .activations import resolve_layers
 from .cache import cached_extract
 from .paths import atomic_path, results_dir
+from .plots import COLUMN_INCHES
 from .quirky import ZOO_DATASETS
 
 CHARACTERS = ("alice", "bob")
@@ -516,17 +517,19 @@ def _check_which(which: str) -> None:
 
 def log_odds_figure(examples: pd.DataFrame, which: str = "own"):
     """Distributions of the log-odds assigned to each character's own (seed Fig. 3) or the opposing
-    (Fig. 4) labels, on disagreeing examples, per dataset and model."""
+    (Fig. 4) labels, on disagreeing examples, per dataset and model (one panel per character,
+    stacked at the column's width)."""
     _check_which(which)
     ex = examples[~examples["agreement"]]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 3.8), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 7.2), sharex=True)
     order = list(dict.fromkeys(ex["dataset"]))
     for ax, (char, source, title) in zip(axes, _PAIRS[which]):
         d = ex[(ex["character"] == char) & (ex["label_source"] == source)]
         sns.violinplot(data=d, x="dataset", y="log_odds", hue="model", order=order, cut=0, inner="quart",
                        density_norm="width", linewidth=0.8, ax=ax)  # fmt: skip
         ax.axhline(0, color="grey", ls=":", lw=1)
-        ax.set(title=title, xlabel="", ylabel="log-odds of the label (nats)")
+        ax.set_title(title, fontsize=10)
+        ax.set(xlabel="", ylabel="log-odds of the label (nats)")
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -535,14 +538,15 @@ def log_odds_figure(examples: pd.DataFrame, which: str = "own"):
 
 def loss_figure(quirk: pd.DataFrame, which: str = "own"):
     """Mean loss against the own (seed Fig. 7) or opposing (Fig. 8) labels on hard disagreeing
-    examples, per dataset and model, with the 50/50 line ln 2."""
+    examples, per dataset and model, with the 50/50 line ln 2 (one panel per character, stacked)."""
     _check_which(which)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 3.6), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 6.8), sharex=True, sharey=True)
     for ax, (char, source, title) in zip(axes, _PAIRS[which]):
         d = quirk[(quirk["character"] == char) & (quirk["label_source"] == source)]
         sns.barplot(data=d, x="dataset", y="mean_loss", hue="model", ax=ax)
         ax.axhline(LN2, color="red", ls="--", lw=1, label="ln 2 (50/50)")
-        ax.set(title=f"Loss on {title}", xlabel="", ylabel="mean loss (nats)")
+        ax.set_title(f"Loss on {title}", fontsize=10)
+        ax.set(xlabel="", ylabel="mean loss (nats)")
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -554,21 +558,36 @@ def _model_styles(models) -> dict:
     return {m: (c, markers[i % len(markers)]) for i, (m, c) in enumerate(zip(models, sns.color_palette("tab10")))}
 
 
-def _scatter_by_model(ax, df: pd.DataFrame, x: str, y: str, label_datasets: bool = True) -> None:
-    for m, (color, marker) in _model_styles(list(dict.fromkeys(df["model"]))).items():
+def _scatter_by_model(ax, df: pd.DataFrame, x: str, y: str, label_datasets: bool = True) -> list:
+    """A marker per model; with ``label_datasets`` a colour per dataset too (labels written beside
+    the points would overlap), and the legend handles naming both are returned for the caller's
+    one legend."""
+    from matplotlib.lines import Line2D
+
+    models = list(dict.fromkeys(df["model"]))
+    styles = _model_styles(models)
+    datasets = list(dict.fromkeys(df["dataset"])) if label_datasets else []
+    colours = dict(zip(datasets, sns.color_palette("tab10", max(1, len(datasets)))))
+    for m in models:
         g = df[df["model"] == m]
-        ax.scatter(g[x], g[y], color=color, marker=marker, label=m, s=36, alpha=0.85)
-        if label_datasets:
-            for _, r in g.iterrows():
-                ax.annotate(
-                    r["dataset"], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points", color=color
-                )
+        colour, marker = styles[m]
+        c = [colours[d] for d in g["dataset"]] if label_datasets else [colour] * len(g)
+        ax.scatter(g[x], g[y], c=c, marker=marker, label=None if label_datasets else m, s=36, alpha=0.85,
+                   edgecolors="black" if label_datasets else "none", linewidths=0.4)  # fmt: skip
+    if not label_datasets:
+        return []
+    return ([Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in datasets]
+            + [Line2D([], [], ls="", marker=styles[m][1], color="lightgrey", markeredgecolor="black", label=m) for m in models])  # fmt: skip
+
+
+def _outside_legend(ax, handles: list) -> None:
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def quirkiness_auroc_figure(points: pd.DataFrame, corr: dict):
     """MAD AUROC vs quirkiness coefficient, one point per model and dataset (seed Figs. 5-6)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _scatter_by_model(ax, points, "quirkiness", "auroc")
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 4.5))
+    handles = _scatter_by_model(ax, points, "quirkiness", "auroc")
     ax.errorbar(
         points["quirkiness"],
         points["auroc"],
@@ -584,9 +603,9 @@ def quirkiness_auroc_figure(points: pd.DataFrame, corr: dict):
     ax.set(
         xlabel="quirkiness coefficient Q (nats)",
         ylabel=f"AUROC ({det}, aggregated)",
-        title=f"{det}: Pearson r = {corr['r']:.2f} [{corr['ci_low']:.2f}, {corr['ci_high']:.2f}], n = {corr['n']}",
     )
-    ax.legend(fontsize=8)
+    ax.set_title(f"{det}: Pearson r = {corr['r']:.2f} [{corr['ci_low']:.2f}, {corr['ci_high']:.2f}], n = {corr['n']}", fontsize=10)
+    _outside_legend(ax, handles)
     fig.tight_layout()
     return fig
 
@@ -609,7 +628,7 @@ def ratio_auroc_figure(sep: pd.DataFrame, fit: LogisticFit, outliers: pd.DataFra
         ax.annotate(
             f"{r['model']} {r['dataset']} L{r['layer']}",
             (r["hidden_ratio"], r["auroc"]),
-            fontsize=7,
+            fontsize=8,
             color="red",
             xytext=(5, -10),
             textcoords="offset points",
@@ -617,7 +636,7 @@ def ratio_auroc_figure(sep: pd.DataFrame, fit: LogisticFit, outliers: pd.DataFra
     ax.set_xscale("log")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set(xlabel="hidden-state variance ratio (between-context / total)", ylabel="AUROC (per layer)", ylim=(0, 1.03))
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 
@@ -626,13 +645,17 @@ def ratio_scatter_figure(
     df: pd.DataFrame, x: str, y: str, fit: dict, xlabel: str, ylabel: str, title: str, label_datasets: bool = True
 ):
     """``y`` vs ``x`` per model (datasets labelled), with the least-squares line and its R² (seed Figs. 10-12)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.3))
-    _scatter_by_model(ax, df, x, y, label_datasets=label_datasets)
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 4.3))
+    handles = _scatter_by_model(ax, df, x, y, label_datasets=label_datasets)
     grid = np.linspace(df[x].min(), df[x].max(), 50)
-    ax.plot(
+    (line,) = ax.plot(
         grid, fit["intercept"] + fit["slope"] * grid, color="black", lw=1, label=f"least squares, R² = {fit['r2']:.2f}"
     )
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    if handles:
+        _outside_legend(ax, [line, *handles])
+    else:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

@@ -277,6 +277,9 @@ def test_figures_on_constructed_tables():
         ),
     ]
     assert all(len(f.axes) >= 1 for f in figs)
+    from madlib.plots import displayed_text_px
+
+    assert min(displayed_text_px(f) for f in figs) >= 9, "every text legible at the book's column width"
     with pytest.raises(ValueError, match="which='both'"):
         qk.loss_figure(quirk, "both")
     matplotlib.pyplot.close("all")
