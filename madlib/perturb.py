@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import _check_choice
+from .plots import COLUMN_INCHES
 
 TARGET_TYPES: tuple[str, ...] = ("real", "random", "baseline", "structured", "reconstruction")
 MODES: tuple[str, ...] = ("absolute", "relative")
@@ -711,7 +712,7 @@ def cdf_figure(
     ms: pd.DataFrame, mode: str = "relative", metric: str = "l2", types=("real", "random", "baseline", "structured")
 ):
     """CDF of the MS step per target type (seed Fig. 1)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 3.8))
     d = ms[(ms["mode"] == mode) & (ms["metric"] == metric)]
     for t in _main_types(types):
         x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
@@ -720,8 +721,8 @@ def cdf_figure(
         xlabel=f"max-slope step ({metric.upper()}, {mode} perturbation)",
         ylabel="fraction of perturbations",
         ylim=(0, 1.02),
-        title="Model sensitivity toward each target type",
     )
+    ax.set_title("Model sensitivity toward each target type", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -729,7 +730,7 @@ def cdf_figure(
 
 def cdf_grid(ms: pd.DataFrame, types=TARGET_TYPES):
     """CDF of the MS step per target type for every mode (rows) and metric (columns)."""
-    fig, axes = plt.subplots(len(MODES), len(METRICS), figsize=(10, 6.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(len(MODES), len(METRICS), figsize=(COLUMN_INCHES, 5.8), sharey=True, squeeze=False)
     for row, mode in enumerate(MODES):
         for col, metric in enumerate(METRICS):
             ax = axes[row][col]
@@ -738,9 +739,8 @@ def cdf_grid(ms: pd.DataFrame, types=TARGET_TYPES):
                 x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
                 ls = ":" if t == "reconstruction" else "-"
                 ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], ls=ls, label=t)
-            ax.set(
-                title=f"{mode}, {metric.upper()}", xlabel="max-slope step", ylabel="cumulative fraction", ylim=(0, 1.02)
-            )
+            ax.set(xlabel="max-slope step", ylabel="cumulative fraction", ylim=(0, 1.02))
+            ax.set_title(f"{mode}, {metric.upper()}", fontsize=10)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -753,7 +753,7 @@ def example_curves(
     mean curve of all perturbations (dashed) (seed Fig. 2)."""
     rng = np.random.default_rng(seed)
     thr = res.info["config"]["ms_threshold"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
     for ax, metric in zip(axes, METRICS, strict=True):
         for t in types:
             c = res.curves[("perturb", mode, t, metric)]
@@ -780,7 +780,7 @@ def ms_histograms(
     """Counts of MS steps in bins along the path and their CDF, per target type (seed Fig. 3)."""
     d = ms[(ms["mode"] == mode) & (ms["metric"] == metric)]
     bins = np.arange(0, n_steps + bin_size + 1, bin_size)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
     for t in _main_types(types):
         x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
         ax1.hist(x, bins=bins, histtype="step", lw=1.5, color=COLORS[t], label=t)
@@ -795,7 +795,7 @@ def ms_histograms(
 def plateau_figure(res: PerturbResult):
     """Mean L2 along random-direction walks from each start type, with the plateau threshold, and
     the CDF of plateau lengths."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
     for t in TARGET_TYPES:
         c = res.curves[("plateau", "absolute", t, "l2")]
         ax1.plot(np.median(c, axis=0), color=COLORS[t], label=t)
@@ -803,7 +803,7 @@ def plateau_figure(res: PerturbResult):
         x = np.sort(res.plateaus.loc[rows, "plateau_length"].to_numpy())
         ax2.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], label=t)
     ax1.axhline(res.info["plateau_threshold"], color="grey", ls=":", label="plateau threshold")
-    ax1.set(xlabel="step (fixed length, random direction)", ylabel="median L2 distance, final-layer residual")
+    ax1.set(xlabel="step (fixed length, random direction)", ylabel="median L2, final-layer residual")
     ax2.set(xlabel="plateau length (steps)", ylabel="cumulative fraction", ylim=(0, 1.02))
     ax1.legend(fontsize=8)
     fig.tight_layout()

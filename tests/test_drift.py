@@ -126,3 +126,28 @@ def test_drift_table_identity_and_perturbed_copy(tiny_model):
     assert {"base", "finetuned", "task", "eval_set", "k", "intersection_mean", "recon_kl_div_score"} <= set(tab.columns)
     with pytest.raises(ValueError, match="k=65"):
         drift.drift_table(tiny_model, "tiny", {}, sae, hook, sets, [65], progress=False)
+
+
+def test_drift_figures_are_legible_at_the_column_width():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from madlib.plots import displayed_text_px
+
+    rng = np.random.default_rng(0)
+    tasks = ["addition", "subtraction", "hemisphere", "sentiment", "nli", "sciq"]
+    rows = []
+    for k in (4, 8, 16, 32):
+        for task in tasks:
+            for ev in [*tasks, drift.GENERAL]:
+                rows.append(dict(k=k, task=task, eval_set=ev, is_task=ev == task, intersection_mean=rng.uniform(0, k),
+                                 value_change=rng.uniform(), act_distance=rng.uniform(),
+                                 **{r: rng.uniform(-0.2, 0.5) for r in drift.RATES}))  # fmt: skip
+    table = pd.DataFrame(rows)
+    figs = [drift.plot_task_vs_general(table, 16), drift.plot_k_ablation(table), drift.plot_drift_matrix(table, 16)]
+    try:
+        assert min(displayed_text_px(f) for f in figs) >= 9
+    finally:
+        plt.close("all")

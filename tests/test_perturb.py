@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -347,3 +348,28 @@ def test_bad_input_is_named():
         perturb.PerturbConfig(n_base=0)
     with pytest.raises(ValueError, match="n=5"):
         perturb.sample_prefixes([[1, 2], [1, 2, 3]], 5, 2, np.random.default_rng(0))
+
+
+def test_perturb_figures_are_legible_at_the_column_width():
+    from types import SimpleNamespace
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from madlib.plots import displayed_text_px
+
+    rng = np.random.default_rng(0)
+    ms = pd.DataFrame([dict(mode=m, metric=k, target_type=t, ms_step=int(rng.integers(0, 100)))
+                       for m in perturb.MODES for k in perturb.METRICS for t in perturb.TARGET_TYPES for _ in range(30)])  # fmt: skip
+    curves = {(kind, mode, t, k): np.cumsum(rng.uniform(size=(12, 40)), axis=1)
+              for kind in ("perturb", "plateau") for mode in perturb.MODES for t in perturb.TARGET_TYPES for k in perturb.METRICS}  # fmt: skip
+    plateaus = pd.DataFrame([dict(start_type=t, rule=r, plateau_length=int(rng.integers(1, 30)))
+                             for t in perturb.TARGET_TYPES for r in ("relative", "absolute") for _ in range(12)])  # fmt: skip
+    res = SimpleNamespace(curves=curves, plateaus=plateaus, info=dict(config=dict(ms_threshold=0.5), plateau_threshold=5.0))
+    figs = [perturb.cdf_figure(ms), perturb.cdf_grid(ms), perturb.example_curves(res), perturb.ms_histograms(ms), perturb.plateau_figure(res)]
+    try:
+        assert min(displayed_text_px(f) for f in figs) >= 9
+    finally:
+        plt.close("all")
