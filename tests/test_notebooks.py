@@ -36,6 +36,18 @@ def test_every_notebook_is_listed_and_has_smoke_parameters():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_figure_cell_has_a_caption_and_alt_text(name):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "savefig(" in cell.source:
+            opts = cell.metadata.get("mystnb", {})
+            first = cell.source.splitlines()[0]
+            assert len(opts.get("figure", {}).get("caption", "")) > 20, f"{name}: figure cell {first!r} has no caption"
+            alt = opts.get("image", {}).get("alt", "")
+            assert len(alt) > 20 and "/" not in alt, f"{name}: figure cell {first!r} has no alt text"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_parameters_cell_is_documented_literals(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
