@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: env book notebooks test clean clean-all
+.PHONY: env book notebooks test check-book clean clean-all
 
 env: $(STAMP)
 
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 	# torch first and pinned, so pip takes the local CPU wheel instead of a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Debian's Chromium for the browser test of the book (as root; elsewhere that test is skipped)
+	if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true; \
+	  fi; \
+	  command -v chromium >/dev/null || echo "chromium not installed: the browser test of the book will be skipped"; \
+	fi
 	touch $(STAMP)
 
 book: $(STAMP)
@@ -25,6 +32,9 @@ notebooks: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+check-book: $(STAMP)
+	$(BIN)/python -m madlib.browsercheck _build/html
 
 clean:
 	rm -rf _build/html _build/.doctrees _build/stamps book/generated

@@ -76,11 +76,36 @@ def _copy_project(dest: Path) -> Path:
     return dest
 
 
-def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkeypatch):
-    root = _copy_project(tmp_path / "project")
-    monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    """Every notebook run with the smoke parameters and the book built, once for this module."""
+    mp = pytest.MonkeyPatch()
+    root = _copy_project(tmp_path_factory.mktemp("smoke") / "project")
+    mp.setenv("MADLIB_BUILD", str(root / "_build"))
     runner = Runner(root=root, parameters=SMOKE, progress=False)
-    assert runner.run_notebooks() == {n: "executed" for n in NOTEBOOKS}
+    statuses = runner.run_notebooks()
+    runner.build_book()
+    yield root, runner, statuses
+    mp.undo()
+
+
+def test_the_smoke_book_as_a_browser_shows_it(smoke_book):
+    """Every page in headless Chromium: no console error, every image loaded, every internal link
+    and anchor resolves, no raw log text or build path, formulas rendered, search works."""
+    from madlib import browsercheck
+
+    pytest.importorskip("playwright")
+    if browsercheck.chromium() is None:
+        pytest.skip("no Chromium on this machine (make env installs Debian's package as root)")
+    root, _, _ = smoke_book
+    problems = browsercheck.check_site(root / "_build" / "html", forbidden=(str(root),))
+    assert not problems, "\n".join(problems)
+
+
+def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(smoke_book, monkeypatch):
+    root, runner, statuses = smoke_book
+    monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
+    assert statuses == {n: "executed" for n in NOTEBOOKS}
     auc = pd.read_csv(root / "_build" / "results" / "mad_auc" / "auc.csv")
     assert list(auc.columns) == ["model", "task", "dataset", "method", "feature_source", "skyline", "layer", "selected_layer",
                                  "subset", "auroc", "ci_low", "ci_high", "recall_fpr1", "recall_fpr1_low", "recall_fpr1_high",
@@ -106,7 +131,6 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(tmp_path, monkey
     grid = pd.read_csv(root / "_build" / "results" / "zoo" / "finetune_accuracy.csv")
     assert set(grid["seed"]) == {0, 1} and set(grid["dataset"]) == {"addition", "hemisphere", "nli"}
 
-    runner.build_book()
     html = (root / "_build" / "html" / "book" / "generated" / "mad_auc.html").read_text()
     assert "<img" in html and "Mean aggregated AUROC" in html
     assert (root / "_build" / "html" / "index.html").is_file()
