@@ -687,6 +687,32 @@ def ordering(ks: pd.DataFrame, plateaus: pd.DataFrame) -> dict:
     return out
 
 
+def extreme(samples: dict[str, np.ndarray], lowest: bool = True, alpha: float = 0.05) -> dict:
+    """Which of ``samples`` (type -> values) has the lowest (or highest) mean, and whether it differs
+    from the runner-up: a two-sample KS test of the two, ``clear`` when its p-value is below
+    ``alpha``. An ordering told as a finding rests on ``clear``; otherwise the two are a tie."""
+    from scipy.stats import ks_2samp
+
+    means = {t: float(np.mean(x)) for t, x in samples.items() if len(x)}
+    if len(means) < 2:
+        raise ValueError(f"samples={sorted(samples)!r} is not accepted; give at least two non-empty samples")
+    first, second = sorted(means, key=means.get, reverse=not lowest)[:2]
+    test = ks_2samp(np.asarray(samples[first]), np.asarray(samples[second]))
+    return dict(first=first, second=second, mean_first=means[first], mean_second=means[second], ks=float(test.statistic),
+                p_value=float(test.pvalue), clear=bool(test.pvalue < alpha))  # fmt: skip
+
+
+def extreme_text(e: dict, what: str, noun: str = "targets", unit: str = "steps") -> str:
+    """``e`` of :func:`extreme` in words: the first type and the runner-up with their means and the
+    test, e.g. "real targets give the earliest blow-ups (...)" or, for a tie, "neither real nor
+    random targets clearly give the earliest blow-ups: ... (no difference)"."""
+    test = f"KS {e['ks']:.3f}, p = {e['p_value']:.2g}"
+    if not e["clear"]:
+        return (f"neither {e['first']} nor {e['second']} {noun} clearly give the {what}: {e['mean_first']:.1f} and "
+                f"{e['mean_second']:.1f} {unit} on average ({test}; no difference)")  # fmt: skip
+    return f"{e['first']} {noun} give the {what} ({e['mean_first']:.1f} {unit} on average, {e['second']} next at {e['mean_second']:.1f}; {test})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 

@@ -373,3 +373,19 @@ def test_perturb_figures_are_legible_at_the_column_width():
         assert min(displayed_text_px(f) for f in figs) >= 9
     finally:
         plt.close("all")
+
+
+def test_extreme_tells_a_tie_from_an_ordering():
+    rng = np.random.default_rng(0)
+    same = {"real": rng.normal(47.2, 10, 400), "random": rng.normal(47.3, 10, 400), "baseline": rng.normal(60, 10, 400)}
+    e = perturb.extreme(same, lowest=True)
+    assert {e["first"], e["second"]} == {"real", "random"} and not e["clear"]
+    text = perturb.extreme_text(e, "earliest blow-ups")
+    assert text.startswith("neither r") and "targets clearly give the earliest blow-ups" in text and text.endswith("no difference)")
+    apart = {"real": rng.normal(30, 10, 400), "random": rng.normal(47, 10, 400)}
+    e = perturb.extreme(apart, lowest=True)
+    assert e["first"] == "real" and e["clear"] and e["p_value"] < 1e-6
+    assert perturb.extreme_text(e, "earliest blow-ups").startswith("real targets give the earliest blow-ups (30")
+    assert perturb.extreme(apart, lowest=False)["first"] == "random"
+    with pytest.raises(ValueError, match="at least two"):
+        perturb.extreme({"real": np.ones(3)})
