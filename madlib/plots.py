@@ -48,6 +48,29 @@ METRIC_LABELS: dict[str, str] = {"auroc": "AUROC", "recall_fpr1": "R@1%", "recal
 (threshold at that quantile of the held-out trusted scores)."""
 
 
+def show_table(df: pd.DataFrame, caption: str, precision: int = 3):
+    """A table for reading: rounded to ``precision`` decimals (a value too small for them in
+    scientific notation, never as -0.000; zero as 0), missing values as a dash, a caption, and no column of row numbers (a default
+    integer index is hidden; a meaningful index is kept). The CSVs keep full precision."""
+    half = 0.5 * 10.0**-precision
+
+    def number(x):
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+            return str(x)
+        if isinstance(x, (int, np.integer)):
+            return f"{x:,}"
+        if np.isnan(x):
+            return "–"
+        if x == 0:
+            return "0"
+        return f"{x:.1e}" if abs(x) < half else f"{x:.{precision}f}"
+
+    styler = df.style.format(number).set_caption(caption)
+    if isinstance(df.index, pd.RangeIndex):
+        styler = styler.hide(axis="index")
+    return styler
+
+
 def metric_table(auc: pd.DataFrame, methods: list[str], columns: str | list[str] = "dataset",
                  metrics: tuple[str, ...] = ("auroc", "recall_fpr1"), caption: str = "", **where):  # fmt: skip
     """A MAD table for reading: one row per method (in ``methods``' order), a column per value of

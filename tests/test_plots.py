@@ -64,3 +64,14 @@ def test_displayed_text_px_sees_a_figure_shrunk_to_the_column():
     fig.set_size_inches(21, 3)  # three times the column: shown at about a third
     assert plots.displayed_text_px(fig) < 7
     plt.close(fig)
+
+
+def test_show_table_rounds_without_negative_zero_and_hides_row_numbers():
+    df = pd.DataFrame({"a": [0.12345, -0.0001, float("nan")], "n": [1200, 3, 4], "name": ["x", "y", "z"]})
+    html = plots.show_table(df, "A caption").to_html()
+    assert "<caption>A caption</caption>" in html and "0.123" in html and "-0.000" not in html and "-1.0e-04" in html
+    assert "–" in html and "1,200" in html
+    assert ">0<" not in html.replace(" ", "")  # no row-number column for a default index
+    assert "row0" in html  # rows are still there
+    kept = plots.show_table(df.set_index("name"), "c").to_html()
+    assert ">x<" in kept  # a meaningful index is shown
