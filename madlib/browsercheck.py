@@ -88,9 +88,10 @@ def _serve(root: Path):
     return server
 
 
-def check_site(root: Path | str, forbidden: tuple[str, ...] = (), timeout_ms: int = 20_000) -> list[str]:
+def check_site(root: Path | str, forbidden: tuple[str, ...] = (), timeout_ms: int = 20_000, screenshots: Path | str | None = None) -> list[str]:
     """Problems a reader would meet in the HTML build at ``root``, one line each (empty: none).
-    ``forbidden`` adds strings no page may show (e.g. the building machine's project path)."""
+    ``forbidden`` adds strings no page may show (e.g. the building machine's project path);
+    ``screenshots`` names a folder for a full-page PNG of every page at 1,300 px width."""
     from playwright.sync_api import sync_playwright
 
     root = Path(root)
@@ -134,6 +135,10 @@ def check_site(root: Path | str, forbidden: tuple[str, ...] = (), timeout_ms: in
                 if m:
                     problems.append(f"{rel}: shows raw log text {text[max(0, m.start() - 40):m.end() + 40]!r}")
                 problems += [f"{rel}: shows a path of the building machine ({f!r})" for f in forbidden if f in text]
+                if screenshots:
+                    shot = Path(screenshots) / (rel.replace("/", "__").removesuffix(".html") + ".png")
+                    shot.parent.mkdir(parents=True, exist_ok=True)
+                    page.screenshot(path=str(shot), full_page=True)
             page.goto(urljoin(base, f"search.html?q={SEARCH_TERM}"), wait_until="load", timeout=timeout_ms)
             try:
                 page.wait_for_selector("#search-results li", timeout=timeout_ms)
@@ -148,8 +153,9 @@ def check_site(root: Path | str, forbidden: tuple[str, ...] = (), timeout_ms: in
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m madlib.browsercheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("html", nargs="?", default="_build/html", help="the book's HTML build (default: _build/html)")
+    ap.add_argument("--screenshots", metavar="DIR", help="save a full-page screenshot of every page (1,300 px wide) here")
     args = ap.parse_args(argv)
-    problems = check_site(Path(args.html), forbidden=(str(Path(args.html).resolve().parent.parent),))
+    problems = check_site(Path(args.html), forbidden=(str(Path(args.html).resolve().parent.parent),), screenshots=args.screenshots)
     for p in problems:
         print(p)
     print(f"{len(problems)} problem(s) in {args.html}", file=sys.stderr)
