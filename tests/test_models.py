@@ -379,7 +379,7 @@ def _readme_commands() -> list[tuple[str, dict]]:
     import shlex
 
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Reproduce the seeds on real models") :]
+    section = text[text.index("## Reproduce the source studies on real models") :]
     section = section[: section.find("\n## ", 10) if "\n## " in section[10:] else None]
     out = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
