@@ -554,8 +554,10 @@ def loss_figure(quirk: pd.DataFrame, which: str = "own"):
 
 
 def _model_styles(models) -> dict:
-    markers = "osD^vP*X"
-    return {m: (c, markers[i % len(markers)]) for i, (m, c) in enumerate(zip(models, sns.color_palette("tab10")))}
+    """A colour and a marker per model, for any number of models (the palette and the markers cycle)."""
+    markers = "osD^vP*Xph"
+    palette = sns.color_palette("tab10" if len(models) <= 10 else "tab20")
+    return {m: (palette[i % len(palette)], markers[i % len(markers)]) for i, m in enumerate(models)}
 
 
 def _scatter_by_model(ax, df: pd.DataFrame, x: str, y: str, label_datasets: bool = True) -> list:

@@ -279,6 +279,13 @@ def test_figures_on_constructed_tables():
     assert all(len(f.axes) >= 1 for f in figs)
     from madlib.plots import displayed_text_px
 
+    # the whole zoo over three fine-tuning seeds is twelve models: each gets a style, none is dropped
+    many = pd.concat([pts.assign(model=f"{m}@{i}") for i in range(6) for m in pts["model"].unique()], ignore_index=True)
+    assert many["model"].nunique() > 10
+    f_many = qk.quirkiness_auroc_figure(many, qk.correlation_ci(many["quirkiness"], many["auroc"], n_boot=20))
+    assert sum(len(c.get_offsets()) for c in f_many.axes[0].collections if hasattr(c, "get_offsets")) >= len(many)
+    figs.append(f_many)
+
     assert min(displayed_text_px(f) for f in figs) >= 9, "every text legible at the book's column width"
     with pytest.raises(ValueError, match="which='both'"):
         qk.loss_figure(quirk, "both")
