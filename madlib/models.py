@@ -196,12 +196,16 @@ def resolve(spec: str, param: str) -> tuple[Path, str | None]:
     if path.is_dir():
         return path.resolve(), None
     if not _REPO_ID.match(spec):
-        raise ValueError(
-            f"{param}={spec!r} is not accepted; give a zoo name {list(zoo.ZOO)}, a Hugging Face hub id (org/name) "
-            "or an existing local directory"
-        )
+        _not_a_spec(spec, param)
     snap = _weights_snapshot(spec, param)
     return snap, snap.name
+
+
+def _not_a_spec(spec: str, param: str):
+    raise ValueError(
+        f"{param}={spec!r} is not accepted; give a zoo name {list(zoo.ZOO)}, a Hugging Face hub id (org/name) "
+        "or an existing local directory"
+    )
 
 
 def _misspelt_zoo_name(spec: str, param: str):
@@ -225,10 +229,7 @@ def check_available(specs: list[str], param: str = "model") -> None:
         if spec.startswith("zoo-"):
             _misspelt_zoo_name(spec, param)
         if not _REPO_ID.match(spec):
-            raise ValueError(
-                f"{param}={spec!r} is not accepted; give a zoo name {list(zoo.ZOO)}, a Hugging Face hub id (org/name) "
-                "or an existing local directory"
-            )
+            _not_a_spec(spec, param)
         reason = hub_unreachable(spec)
         if reason is None:
             continue
