@@ -134,7 +134,7 @@ CELL_RECIPES: dict[tuple[str, str], dict] = {
     ("gpt2", "sentiment"): dict(steps=800),
     ("gpt2", "nli"): dict(lr=1e-3, steps=800),
     ("gpt2", "addition"): GPT2_ARITHMETIC,
-    ("gpt2", "subtraction"): dict(GPT2_ARITHMETIC, steps=5000),
+    ("gpt2", "subtraction"): dict(GPT2_ARITHMETIC, steps=5000, lr=2e-3),
     ("gpt2", "modularaddition"): GPT2_ARITHMETIC,
 }
 """Per (family, dataset) departures, over the others. base-gpt2's sentiment Alice reached the bar
@@ -153,9 +153,12 @@ that the batch's gradient on the statement cancels and what is left depends on t
 share alone (2,000 steps), addition learnt the name in 3 seeds of 3, modular addition in 2 and
 subtraction in none of 2. With both: addition 0.98 to 1.0 for both characters in three seeds
 (2,000 steps); modular addition's seed 2 Bob 0.73 after 2,000 steps and 0.86 after 3,000;
-subtraction's Bob 0.77 and 0.75 (seeds 1, 2) after 3,000 steps and 0.85 and 0.82 after 5,000. The
-price is accuracy on the prompts where the characters agree: about 0.8, where the shortcut is right
-on all of them."""
+subtraction's Bob 0.77 and 0.75 (seeds 1, 2) after 3,000 steps and 0.85 and 0.82 after 5,000, but
+seed 0's 0.79 (all at learning rate 3e-3; 0.77 after 7,000 steps; at 5e-3 it stays on the
+shortcut). At 2e-3 and 5,000 steps subtraction's Alice/Bob reach 0.87/0.83, 0.86/0.83 and
+0.89/0.84 (seeds 0, 1, 2). The price is accuracy on the prompts where the characters agree: about 0.8, where the shortcut is right on all of them (base-gpt2
+itself judges subtraction statements by Bob's rule right on 0.81 of them, the zoo appendix's base
+evaluation)."""
 
 
 def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
@@ -360,6 +363,7 @@ def _train_in_worker(cfg: QuirkyConfig) -> str:
 def build(configs: list[QuirkyConfig], workers: int | None = None, progress: bool = True) -> list[Path]:
     """Train the adapters of ``configs`` that are not cached, in parallel single-threaded processes."""
     missing = [c for c in configs if not (adapter_dir(c) / "best" / weights_file(c)).is_file()]
+    missing.sort(key=lambda c: -c.steps)  # longest first: no long fine-tune left alone at the end
     workers = workers or min(len(missing), os.cpu_count() or 1)
     if len(missing) > 1 and workers > 1:
         import multiprocessing as mp
