@@ -1,4 +1,4 @@
-# make book  -> environment (if missing), zoo models (if missing), notebooks (if changed), HTML book
+# make book  -> environment (if missing), notebooks whose inputs changed (Snakefile), HTML book
 # make test  -> environment (if missing), test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -24,11 +24,15 @@ $(STAMP): pyproject.toml
 	fi
 	touch $(STAMP)
 
+# Snakemake runs the notebooks whose inputs changed, two at a time where the graph allows, then the book
+CORES  ?= 2
+SNAKE  := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete --max-checksum-file-size 50MB
+
 book: $(STAMP)
-	$(BIN)/python -m madlib.runner build
+	$(SNAKE)
 
 notebooks: $(STAMP)
-	$(BIN)/python -m madlib.runner notebooks
+	$(SNAKE) $(foreach n,zoo mad_auc quirkiness drift perturb benchmarks,book/generated/$(n).ipynb)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -37,7 +41,7 @@ check-book: $(STAMP)
 	$(BIN)/python -m madlib.browsercheck _build/html
 
 clean:
-	rm -rf _build/html _build/.doctrees _build/stamps book/generated
+	rm -rf _build/html _build/.doctrees _build/stamps _build/workflow book/generated
 
 clean-all: clean
 	rm -rf _build $(VENV)

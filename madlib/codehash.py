@@ -21,49 +21,58 @@ PACKAGE = "madlib"
 ROOT = Path(__file__).parent
 
 
-def module_file(module: str) -> Path | None:
-    """The source file of ``madlib.<...>`` (a module or a package's ``__init__``), or ``None``."""
+def module_file(module: str, root: Path | None = None) -> Path | None:
+    """The source file of ``madlib.<...>`` (a module or a package's ``__init__``) in the package
+    folder ``root`` (the imported package's by default), or ``None``."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return None
-    base = ROOT.joinpath(*parts[1:])
+    base = Path(root or ROOT).joinpath(*parts[1:])
     for f in (base.with_suffix(".py"), base / "__init__.py"):
         if f.is_file():
             return f
     return None
 
 
-def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+def _resolve(module: str, node: ast.ImportFrom, root: Path | None = None) -> list[str]:
     """The ``madlib`` modules an ``ImportFrom`` at module level of ``module`` names."""
     if node.level:
         package = module.split(".")
-        if module_file(module) is not None and module_file(module).name != "__init__.py":
+        if module_file(module, root) is not None and module_file(module, root).name != "__init__.py":
             package = package[:-1]
         package = package[: len(package) - (node.level - 1)]
         target = ".".join(package + ([node.module] if node.module else []))
     else:
         target = node.module or ""
-    out = [target] if module_file(target) else []
-    out += [f"{target}.{a.name}" for a in node.names if module_file(f"{target}.{a.name}")]  # from . import data
+    out = [target] if module_file(target, root) else []
+    out += [f"{target}.{a.name}" for a in node.names if module_file(f"{target}.{a.name}", root)]  # from . import data
     return out
 
 
-def imports(module: str) -> list[str]:
-    """The ``madlib`` modules ``module`` imports at module level."""
-    path = module_file(module)
-    if path is None:
-        raise ValueError(f"module={module!r} is not accepted; give a module of the {PACKAGE} package, e.g. 'madlib.quirky'")
+def imported(tree: ast.Module, module: str = PACKAGE, nested: bool = False, root: Path | None = None) -> list[str]:
+    """The ``madlib`` modules a parsed source imports: at module level, or anywhere (``nested``,
+    imports inside functions too). ``module`` is the importing module's name (for relative imports);
+    code outside the package (a notebook's cells) passes the package name."""
     out: list[str] = []
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(tree) if nested else tree.body:
         if isinstance(node, ast.ImportFrom):
-            out += _resolve(module, node)
+            out += _resolve(module, node, root)
         elif isinstance(node, ast.Import):
-            out += [a.name for a in node.names if module_file(a.name)]
+            out += [a.name for a in node.names if module_file(a.name, root)]
     return sorted(set(out))
 
 
-def closure(*modules: str) -> list[str]:
-    """``modules`` and every ``madlib`` module they reach through module-level imports."""
+def imports(module: str, nested: bool = False, root: Path | None = None) -> list[str]:
+    """The ``madlib`` modules ``module`` imports at module level (anywhere, with ``nested``)."""
+    path = module_file(module, root)
+    if path is None:
+        raise ValueError(f"module={module!r} is not accepted; give a module of the {PACKAGE} package, e.g. 'madlib.quirky'")
+    return imported(ast.parse(path.read_text()), module, nested, root)
+
+
+def closure(*modules: str, nested: bool = False, root: Path | None = None) -> list[str]:
+    """``modules`` and every ``madlib`` module they reach through module-level imports (through
+    every import, inside functions too, with ``nested``: what code that calls them may run)."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:
@@ -71,7 +80,7 @@ def closure(*modules: str) -> list[str]:
         if m in seen:
             continue
         seen.add(m)
-        todo.extend(imports(m))
+        todo.extend(imports(m, nested, root))
     return sorted(seen)
 
 
@@ -80,11 +89,11 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def code_hash(*modules: str) -> str:
+def code_hash(*modules: str, nested: bool = False, root: Path | None = None) -> str:
     """Digest of the sources of :func:`closure` of ``modules`` (contents only, sorted)."""
     digests = []
-    for m in closure(*modules):
-        f = module_file(m)
+    for m in closure(*modules, nested=nested, root=root):
+        f = module_file(m, root)
         st = f.stat()
         digests.append(_file_digest(str(f), st.st_mtime_ns, st.st_size))
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()

@@ -1,26 +1,23 @@
-"""Execute the notebooks with papermill and build the book.
+"""Execute one notebook with papermill, and build the book: the steps the workflow (``Snakefile``) runs.
 
-``python -m madlib.runner build`` runs every source notebook of ``notebooks/`` (in the order of
-:data:`NOTEBOOKS`) at its default parameters into ``book/generated/``, then builds the HTML book
-into ``_build/html/`` with execution off.
+``make book`` runs Snakemake, which calls ``python -m madlib.runner execute <notebook>`` for every
+source notebook of ``notebooks/`` whose inputs changed (two at a time where the graph allows) and
+``python -m madlib.runner book`` to build the HTML book into ``_build/html/`` with execution off.
 
 A notebook is re-executed only when something it depends on changed: the notebook file, its
-parameters, madlib's source, the installed versions of the packages it runs on, or the model files
-it loaded during its last run (recorded through ``$MADLIB_MANIFEST``). A failing notebook stops the
-build with its name and the failing cell's error; its outputs (executed notebook and result tables)
-are written to a staging folder and moved into place only after success, so nothing half-written
-reaches the book.
-
-One build at a time: a build holds an exclusive lock on ``_build/.lock`` (which records its pid), and
-a second build started meanwhile stops at once, naming the lock file and that pid. A build starts by
-removing the staging folders that interrupted builds left behind, and writes each stamp atomically;
-an unreadable stamp means the notebook is executed again.
+parameters, the source of the ``madlib`` modules it imports (the import graph of its cells, followed
+through every import), the installed versions of the packages it runs on, the model files it loaded
+during its last run (recorded through ``$MADLIB_MANIFEST``), or the result tables it published.
+:meth:`Runner.mark` tells Snakemake so: it touches ``_build/workflow/<notebook>.inputs``, the rule's
+input, only when the notebook is not up to date, so touching a file without changing it re-runs
+nothing. A failing notebook stops the build with its name and the failing cell's error; its outputs
+(executed notebook and result tables) are written to a staging folder and moved into place only
+after success, so nothing half-written reaches the book.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import glob
 import hashlib
 import json
@@ -31,14 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from .codehash import closure, code_hash, imported
 from .paths import atomic_path, build_dir, project_root, replace_dir
 
 NOTEBOOKS = ("zoo", "mad_auc", "quirkiness", "drift", "perturb", "benchmarks")
-"""Source notebooks in execution order (later ones reuse models the earlier ones trained)."""
+"""The book's source notebooks."""
+
+AFTER: dict[str, tuple[str, ...]] = {"mad_auc": ("zoo",), "quirkiness": ("zoo",)}
+"""Notebooks that run after others: they read the fine-tunes the zoo notebook trains (run together,
+both would train them)."""
 
 PACKAGES = (
     "torch", "transformer-lens", "sae-lens", "numpy", "pandas", "scikit-learn", "tokenizers", "papermill",
@@ -48,10 +49,6 @@ PACKAGES = (
 
 class NotebookFailed(RuntimeError):
     pass
-
-
-class BuildLocked(RuntimeError):
-    """Another build holds the build folder's lock."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -71,9 +68,39 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def madlib_source_hash(root: Path) -> str:
-    files = sorted((root / "madlib").rglob("*.py"))
-    return _sha(*(str(f.relative_to(root)).encode() + f.read_bytes() for f in files))
+def notebook_modules(path: Path, package: Path | None = None) -> list[str]:
+    """The ``madlib`` modules a notebook's code cells import, and every module those import (inside
+    functions too): the code its run can reach. ``package``: the ``madlib`` folder to read (by
+    default the one beside the notebook's ``notebooks/`` folder)."""
+    package = _package(path, package)
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    found: set[str] = set()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+        try:
+            found.update(imported(ast.parse(source), nested=True, root=package))
+        except SyntaxError:
+            continue
+    return closure("madlib", *found, nested=True, root=package)
+
+
+def _package(notebook: Path, package: Path | None = None) -> Path:
+    """The ``madlib`` folder a notebook runs on: ``package``, else the one beside its ``notebooks/``
+    folder, else the imported one."""
+    package = Path(package or Path(notebook).resolve().parents[1] / "madlib")
+    return package if (package / "__init__.py").is_file() else Path(__file__).parent
+
+
+def madlib_source_hash(path: Path) -> str:
+    """Digest of the sources of the ``madlib`` modules the notebook at ``path`` can reach."""
+    package = _package(path)
+    return code_hash(*notebook_modules(path, package), nested=True, root=package)
 
 
 def environment_hash() -> str:
@@ -95,72 +122,36 @@ def _file_digest(path: Path) -> str:
 
 def _drop_stderr(path: Path) -> None:
     """Remove the stderr streams (library warnings naming the build machine's paths, log lines)
-    from an executed notebook: the page and its download show results, not logs."""
+    from an executed notebook: the page and its download show results, not logs. The cell of
+    parameters papermill injected is tagged ``remove-cell``: the page shows the analysis."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            tags = cell.metadata.get("tags", [])
+            if "injected-parameters" in tags and "remove-cell" not in tags:  # on the page, not in the download
+                cell.metadata["tags"] = [*tags, "remove-cell"]
     nbformat.write(nb, path)
 
 
 class Runner:
-    def __init__(self, root: Path | None = None, parameters: dict[str, dict] | None = None, progress: bool = True):
+    def __init__(self, root: Path | None = None, parameters: dict[str, dict] | None = None, progress: bool = True,
+                 out: Path | None = None):  # fmt: skip
         self.root = Path(root or project_root()).resolve()
         self.src = self.root / "notebooks"
-        self.out = self.root / "book" / "generated"
+        self.out = Path(out) if out else self.root / "book" / "generated"
         self.stamps = build_dir() / "stamps"
         self.parameters = parameters or {}
         self.progress = progress
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
-
-    @property
-    def lock_path(self) -> Path:
-        return build_dir() / ".lock"
-
-    @contextmanager
-    def lock(self):
-        """Hold the build lock (``_build/.lock``) for the block; re-entrant within this runner. Taking
-        it fails at once with :class:`BuildLocked` while another build holds it; once taken, staging
-        folders left by interrupted builds are removed."""
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-            return
-        path = self.lock_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise BuildLocked(
-                f"another build holds the lock {path} (pid {holder}); wait for it to finish or stop it"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._lock_fd, self._lock_depth = fd, 1
-            self.clean_stale_staging(started=time.time())
-            yield
-        finally:
-            self._lock_fd, self._lock_depth = None, 0
-            os.close(fd)  # closing the descriptor releases the lock
 
     def clean_stale_staging(self, started: float) -> list[Path]:
-        """Remove what interrupted builds left in the build folder: staging folders
-        ``.<notebook>-<pid>-XXXX/`` (and the older ``.<notebook>-XXXX/``) and results moved aside
-        (``results/.<analysis>.old-<pid>/``), each only when the process that made it is gone or
-        it is older than ``started`` (the running build's start). Returns what was removed."""
+        """Remove what interrupted runs left in the build folder: staging folders
+        ``.<notebook>-<pid>-XXXX/`` and results moved aside (``results/.<analysis>.old-<pid>/``)
+        whose process is gone, and the older ``.<notebook>-XXXX/`` (no pid) made before ``started``.
+        Folders of live processes stay: other notebooks may be running beside this one. Returns
+        what was removed."""
         names = {p.stem for p in self.src.glob("*.ipynb")} | set(NOTEBOOKS)
         root = build_dir()
         candidates = [p for n in names for p in root.glob(f".{glob.escape(n)}-*")]
@@ -170,16 +161,15 @@ class Runner:
             if not p.is_dir() or p.is_symlink():
                 continue
             m = re.search(r"-(\d+)-[^-]+$", p.name) or re.search(r"\.old-(\d+)$", p.name)
-            gone = m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
             try:
-                older = p.stat().st_mtime < started
+                stale = (int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))) if m else p.stat().st_mtime < started
             except FileNotFoundError:
                 continue
-            if gone or older:
+            if stale:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
         if removed:
-            print(f"[runner] removed {len(removed)} folder(s) left by interrupted builds", flush=True)
+            print(f"[runner] removed {len(removed)} folder(s) left by interrupted runs", flush=True)
         return removed
 
     def read_stamp(self, name: str) -> dict | None:
@@ -206,7 +196,7 @@ class Runner:
         return dict(
             notebook=_file_digest(nb),
             parameters=json.dumps(self.parameters.get(name, {}), sort_keys=True),
-            madlib=madlib_source_hash(self.root),
+            madlib=madlib_source_hash(nb),
             environment=environment_hash(),
         )
 
@@ -221,14 +211,58 @@ class Runner:
         # the published results are the ones this run wrote (not cut or replaced since)
         return all(Path(p).is_file() and _file_digest(Path(p)) == d for p, d in old.get("results", {}).items())
 
+    def mark(self, name: str) -> Path:
+        """``_build/workflow/<name>.inputs``, the workflow's input for ``name``: rewritten (so newer
+        than the executed notebook) when the notebook is not up to date, left alone when it is, so
+        Snakemake re-runs exactly the notebooks whose inputs changed (a file touched but unchanged
+        re-runs nothing). It holds the inputs' digests, for reading."""
+        path = build_dir() / "workflow" / f"{name}.inputs"
+        fresh = self.is_fresh(name)
+        if fresh and path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:  # the time makes the content new: Snakemake compares checksums of small inputs
+            tmp.write_text(json.dumps(dict(self.inputs(name), marked_at=time.time_ns()), indent=2))
+        if fresh:  # up to date but the mark is missing (a new build folder): older than the output
+            t = (self.out / f"{name}.ipynb").stat().st_mtime - 1
+            os.utime(path, (t, t))
+        return path
+
+    def book_sources(self) -> list[Path]:
+        """The book's own files: its configuration, pages and bibliography."""
+        own = [self.root / "_config.yml", self.root / "_toc.yml"]
+        own += sorted(p for p in (self.root / "book").rglob("*") if p.is_file() and "generated" not in p.relative_to(self.root / "book").parts)
+        return [p for p in own if p.is_file()]
+
+    def mark_book(self) -> Path:
+        """``_build/workflow/book.inputs``: the digests of :meth:`book_sources`, rewritten only when
+        one of them changed (the workflow's input for the book besides the executed notebooks)."""
+        path = build_dir() / "workflow" / "book.inputs"
+        text = json.dumps({str(p.relative_to(self.root)): _file_digest(p) for p in self.book_sources()}, indent=2)
+        if not (path.is_file() and path.read_text() == text):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+        return path
+
+    def params_file(self, name: str) -> Path:
+        """``_build/workflow/<name>.params.yaml``: the notebook's parameters for papermill (empty:
+        its defaults), rewritten only when they changed."""
+        import yaml
+
+        path = build_dir() / "workflow" / f"{name}.params.yaml"
+        text = yaml.safe_dump(self.parameters.get(name, {}) or {}, sort_keys=True)
+        if not (path.is_file() and path.read_text() == text):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+        return path
+
     def execute(self, name: str) -> float:
         """Run one notebook; outputs move into place only on success. Returns seconds taken."""
-        with self.lock():
-            return self._execute(name)
-
-    def _execute(self, name: str) -> float:
         import papermill as pm
 
+        self.clean_stale_staging(started=time.time())
         inputs = self.inputs(name)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stamps.mkdir(parents=True, exist_ok=True)
@@ -298,28 +332,7 @@ class Runner:
         os.replace(executed, kept)
         return where, kept
 
-    def run_notebooks(self, names=NOTEBOOKS, force: bool = False) -> dict[str, str]:
-        with self.lock():
-            return self._run_notebooks(names, force)
-
-    def _run_notebooks(self, names, force: bool) -> dict[str, str]:
-        status = {}
-        for name in names:
-            if not force and self.is_fresh(name):
-                print(f"[runner] {name}: up to date", flush=True)
-                status[name] = "fresh"
-                continue
-            print(f"[runner] {name}: executing", flush=True)
-            seconds = self.execute(name)
-            print(f"[runner] {name}: done in {seconds:.1f} s", flush=True)
-            status[name] = "executed"
-        return status
-
     def build_book(self) -> None:
-        with self.lock():
-            self._build_book()
-
-    def _build_book(self) -> None:
         cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(self.root), "--warningiserror", "--keep-going", "--quiet"]
         print(f"[runner] building the book: {' '.join(cmd[1:])}", flush=True)
         res = subprocess.run(cmd, cwd=self.root)
@@ -330,22 +343,31 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m madlib.runner", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["build", "notebooks", "book"], help="build = notebooks + book")
-    ap.add_argument("--only", nargs="*", choices=list(NOTEBOOKS), help="execute only these notebooks")
-    ap.add_argument("--force", action="store_true", help="re-execute even when nothing changed")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("execute", help="execute one notebook of notebooks/ into book/generated/")
+    ex.add_argument("name", help="the notebook's name, without .ipynb")
+    ex.add_argument("--params", type=Path, help="YAML file of parameters (papermill -f); none: the notebook's defaults")
+    sub.add_parser("book", help="build the HTML book from book/generated/ into _build/html/")
     args = ap.parse_args(argv)
-    runner = Runner()
-    t0 = time.perf_counter()
+    parameters = {}
+    if getattr(args, "params", None):
+        import yaml
+
+        parameters = yaml.safe_load(args.params.read_text()) or {}
+        if not isinstance(parameters, dict):
+            print(f"[runner] ERROR: --params={str(args.params)!r} is not accepted; give a YAML mapping of parameter names to values",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    runner = Runner(parameters={getattr(args, "name", ""): parameters})
     try:
-        with runner.lock():
-            if args.command in ("build", "notebooks"):
-                runner.run_notebooks(args.only or NOTEBOOKS, force=args.force)
-            if args.command in ("build", "book"):
-                runner.build_book()
-    except (NotebookFailed, BuildLocked) as e:
+        if args.command == "execute":
+            print(f"[runner] {args.name}: executing", flush=True)
+            print(f"[runner] {args.name}: done in {runner.execute(args.name):.1f} s", flush=True)
+        else:
+            runner.build_book()
+    except (NotebookFailed, FileNotFoundError) as e:
         print(f"[runner] ERROR: {e}", file=sys.stderr)
         return 1
-    print(f"[runner] finished in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 

@@ -284,58 +284,62 @@ def test_results_and_stamps_are_readable_and_replaced(project, fake_papermill, u
     assert json.loads(stamp.read_text())["results"] == {str(table): runner._file_digest(table)}
     r.execute("ok")
     assert table.read_text() == "a\n2\n" and r.is_fresh("ok")
-    assert sorted(p.name for p in build.iterdir()) == [".lock", "results", "stamps"], "no staging or aside left"
+    assert sorted(p.name for p in build.iterdir()) == ["results", "stamps"], "no staging or aside left"
     assert sorted(p.name for p in (build / "results").iterdir()) == ["ok"]
 
 
 @pytest.mark.parametrize("content", ['{"inputs": {"notebook": "ab', "", "[]", '{"models": 3}', "\udcff"])
 def test_an_unreadable_stamp_means_re_execute_with_one_warning(project, fake_papermill, capsys, content):
     r = runner.Runner(root=project, progress=False)
-    assert r.run_notebooks(["ok"]) == {"ok": "executed"}
+    r.execute("ok")
+    assert r.is_fresh("ok")
     stamp = project.parent / "_build" / "stamps" / "ok.json"
     stamp.write_text(content, errors="surrogateescape")
     capsys.readouterr()
-    assert r.run_notebooks(["ok"]) == {"ok": "executed"}
+    assert not r.is_fresh("ok")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[runner] WARNING: ok: stamp") and "re-executing" in err[0]
-    assert r.run_notebooks(["ok"]) == {"ok": "fresh"}, "the rewritten stamp is whole"
+    r.execute("ok")
+    assert r.is_fresh("ok"), "the rewritten stamp is whole"
 
 
-def test_a_second_build_fails_at_once_naming_the_lock_and_the_pid(project, capsys):
-    first, second = runner.Runner(root=project, progress=False), runner.Runner(root=project, progress=False)
-    lock = project.parent / "_build" / ".lock"
-    with first.lock():
-        with first.lock():  # re-entrant within one runner
-            pass
-        t0 = time.perf_counter()
-        with pytest.raises(runner.BuildLocked) as e:
-            with second.lock():
-                pass
-        assert time.perf_counter() - t0 < 1.0
-        assert one_line(e) == f"another build holds the lock {lock} (pid {os.getpid()}); wait for it to finish or stop it"
-        with pytest.raises(runner.BuildLocked):
-            second.run_notebooks(["ok"])
-        assert runner.main(["notebooks"]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(lock) in err[0] and f"pid {os.getpid()}" in err[0]
-    with second.lock():  # released
-        pass
+def test_the_workflow_mark_changes_only_when_a_notebook_is_stale(project, fake_papermill):
+    """``Runner.mark`` is the workflow's input for a notebook: new content and a new time when the
+    notebook must run, left alone when it is up to date (so a touched file re-runs nothing)."""
+    r = runner.Runner(root=project, progress=False)
+    first = r.mark("ok")
+    text = first.read_text()
+    assert json.loads(text)["notebook"] == r.inputs("ok")["notebook"]
+    r.execute("ok")
+    out = project / "book" / "generated" / "ok.ipynb"
+    first.unlink()  # a new build folder: the mark is made older than the executed notebook
+    assert r.mark("ok").stat().st_mtime < out.stat().st_mtime
+    before = (first.read_text(), first.stat().st_mtime_ns)
+    (project / "notebooks" / "ok.ipynb").touch()
+    assert (r.mark("ok").read_text(), first.stat().st_mtime_ns) == before, "up to date: left alone"
+    r.parameters = {"ok": {"x": 1}}
+    assert r.mark("ok").read_text() != before[0] and first.stat().st_mtime > out.stat().st_mtime
+    r.parameters = {}
+    (project.parent / "_build" / "results" / "ok" / "t.csv").write_text("a\n9\n")  # cut outside the build
+    again = r.mark("ok").read_text()
+    assert again != before[0] and r.mark("ok").read_text() != again, "stale: a new content every time"
 
 
-def test_stale_staging_folders_are_cleaned_at_the_start_of_a_build(project):
+def test_stale_staging_folders_are_cleaned_at_the_start_of_a_run(project):
     build = project.parent / "_build"
-    dead = build / ".ok-999999999-abc12345"  # left by a build killed with SIGTERM (pid gone)
+    dead = build / ".ok-999999999-abc12345"  # left by a run killed with SIGTERM (pid gone)
     old_format = build / ".zoo-x1y2z3w4"  # made before the running build started
-    live = build / f".ok-{os.getpid()}-newer123"  # this process's, made after the build started
+    live = build / f".ok-{os.getpid()}-newer123"  # this process's
+    beside = build / f".zoo-{os.getppid()}-older456"  # a notebook running beside this one (pid alive)
     aside = build / "results" / ".ok.old-999999999"
     other = build / ".cache-keep"
-    for d in (dead, old_format, live, aside, other):
+    for d in (dead, old_format, live, beside, aside, other):
         d.mkdir(parents=True)
         (d / "f").write_text("x")
     past, future = time.time() - 60, time.time() + 60
-    os.utime(old_format, (past, past))
-    os.utime(live, (future, future))
+    for d in (old_format, beside):
+        os.utime(d, (past, past))
     os.utime(dead, (future, future))
-    with runner.Runner(root=project, progress=False).lock():
-        assert not dead.exists() and not old_format.exists() and not aside.exists()
-        assert live.exists() and other.exists()
+    removed = runner.Runner(root=project, progress=False).clean_stale_staging(started=time.time())
+    assert sorted(removed) == sorted([dead, old_format, aside])
+    assert live.exists() and beside.exists() and other.exists()

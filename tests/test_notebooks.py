@@ -2,13 +2,20 @@
 
 import ast
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
 
+import yaml
+
+from madlib.grid import SUMMARY_NOTEBOOK
 from madlib.runner import NOTEBOOKS, NotebookFailed, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +39,10 @@ SMOKE = {
 
 def test_every_notebook_is_listed_and_has_smoke_parameters():
     on_disk = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
-    assert on_disk == set(NOTEBOOKS) == set(SMOKE)
+    assert on_disk - {SUMMARY_NOTEBOOK} == set(NOTEBOOKS) == set(SMOKE)
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [*NOTEBOOKS, SUMMARY_NOTEBOOK])
 def test_every_figure_cell_has_a_caption_and_alt_text(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     for cell in nb.cells:
@@ -47,7 +54,7 @@ def test_every_figure_cell_has_a_caption_and_alt_text(name):
             assert len(alt) > 20 and "/" not in alt, f"{name}: figure cell {first!r} has no alt text"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [*NOTEBOOKS, SUMMARY_NOTEBOOK])
 def test_parameters_cell_is_documented_literals(name):
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
@@ -59,7 +66,7 @@ def test_parameters_cell_is_documented_literals(name):
     for s in tree.body:
         ast.literal_eval(s.value)
     assert all("#" in ln for ln in lines), "every parameter has a comment"
-    assert set(SMOKE[name]) <= {s.target.id for s in tree.body}
+    assert set(SMOKE.get(name, {})) <= {s.target.id for s in tree.body}
     # papermill --help-notebook must list (and explain) every parameter
     from papermill.translators import PythonTranslator
 
@@ -68,24 +75,49 @@ def test_parameters_cell_is_documented_literals(name):
     assert all(p.help for p in inspected.values())
 
 
-def _copy_project(dest: Path) -> Path:
-    for item in ("notebooks", "book", "madlib"):
+def copy_project(dest: Path) -> Path:
+    """The project's sources (notebooks, book, madlib, workflow) in ``dest``, without build outputs."""
+    for item in ("notebooks", "book", "madlib", "workflow", "configs", "profiles"):
         shutil.copytree(ROOT / item, dest / item, ignore=shutil.ignore_patterns("generated", "__pycache__"))
-    for item in ("_config.yml", "_toc.yml", "pyproject.toml"):
+    for item in ("_config.yml", "_toc.yml", "pyproject.toml", "Snakefile"):
         shutil.copy(ROOT / item, dest / item)
     return dest
 
 
+def snakemake(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``snakemake`` in ``root`` as ``make book`` runs it (both cores), the build folder in ``root``."""
+    exe = Path(sys.executable).with_name("snakemake")
+    env = dict(os.environ, MADLIB_BUILD=str(root / "_build"), PYTHONPATH=str(root), TQDM_DISABLE="1")
+    env.pop("MADLIB_RESULTS", None)
+    res = subprocess.run([str(exe), "--cores", "2", "--rerun-incomplete", "--max-checksum-file-size", "50MB", *args],
+                         cwd=root, env=env, capture_output=True, text=True)  # fmt: skip
+    if check and res.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def planned(res: subprocess.CompletedProcess) -> dict[str, list[str]]:
+    """The jobs a dry run (``-n``) lists: rule -> the wildcards line of each of its jobs."""
+    jobs: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", res.stdout + res.stderr):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if m:
+            w = re.search(r"wildcards: (.*)", block)
+            jobs.setdefault(m.group(1), []).append(w.group(1) if w else "")
+    return jobs
+
+
 @pytest.fixture(scope="module")
 def smoke_book(tmp_path_factory):
-    """Every notebook run with the smoke parameters and the book built, once for this module."""
+    """Every notebook run with the smoke parameters and the book built through the workflow
+    (``snakemake``, two notebooks at a time), once for this module."""
     mp = pytest.MonkeyPatch()
-    root = _copy_project(tmp_path_factory.mktemp("smoke") / "project")
+    root = copy_project(tmp_path_factory.mktemp("smoke") / "project")
+    (root / "configs" / "smoke.yaml").write_text(yaml.safe_dump({"parameters": SMOKE}))
     mp.setenv("MADLIB_BUILD", str(root / "_build"))
+    res = snakemake(root, "--configfile", "configs/smoke.yaml")
     runner = Runner(root=root, parameters=SMOKE, progress=False)
-    statuses = runner.run_notebooks()
-    runner.build_book()
-    yield root, runner, statuses
+    yield root, runner, res
     mp.undo()
 
 
@@ -103,9 +135,10 @@ def test_the_smoke_book_as_a_browser_shows_it(smoke_book):
 
 
 def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(smoke_book, monkeypatch):
-    root, runner, statuses = smoke_book
+    root, runner, res = smoke_book
     monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
-    assert statuses == {n: "executed" for n in NOTEBOOKS}
+    assert sorted(re.findall(r"\[runner\] (\w+): done in", res.stdout + res.stderr)) == sorted(NOTEBOOKS)
+    assert all(runner.is_fresh(n) for n in NOTEBOOKS)
     auc = pd.read_csv(root / "_build" / "results" / "mad_auc" / "auc.csv")
     assert list(auc.columns) == ["model", "task", "dataset", "method", "feature_source", "skyline", "layer", "selected_layer",
                                  "subset", "auroc", "ci_low", "ci_high", "recall_fpr1", "recall_fpr1_low", "recall_fpr1_high",
@@ -143,13 +176,25 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(smoke_book, monk
         assert "cdn.jsdelivr.net/npm/mathjax" not in text, page.name
     assert (root / "_build" / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
 
-    # nothing changed: nothing re-executes; a madlib change re-executes
-    assert runner.run_notebooks() == {n: "fresh" for n in NOTEBOOKS}
-    with open(root / "madlib" / "metrics.py", "a") as f:
-        f.write("\n# changed\n")
-    assert runner.run_notebooks(["zoo"]) == {"zoo": "executed"}
     stamp = json.loads((root / "_build" / "stamps" / "zoo.json").read_text())
     assert stamp["models"] and all(Path(p).is_file() for p in stamp["models"])
+
+    # nothing changed: nothing re-runs, and a rebuild takes seconds; a file touched but unchanged
+    # re-runs nothing; an edit of one madlib module re-runs exactly the notebooks that import it
+    smoke = ("--configfile", "configs/smoke.yaml")
+    again = snakemake(root, *smoke)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    (root / "madlib" / "metrics.py").touch()
+    (root / "notebooks" / "drift.ipynb").touch()
+    assert planned(snakemake(root, *smoke, "-n")) == {}
+    with open(root / "madlib" / "perturb.py", "a") as f:
+        f.write("\n# changed\n")
+    plan = planned(snakemake(root, *smoke, "-n"))
+    assert plan == {"notebook": ["name=perturb"], "book": [""], "all": [""]}, plan
+    smoke_params = dict(SMOKE, benchmarks=dict(SMOKE["benchmarks"], repeats=2))  # a parameter changed
+    (root / "configs" / "smoke2.yaml").write_text(yaml.safe_dump({"parameters": smoke_params}))
+    plan = planned(snakemake(root, "--configfile", "configs/smoke2.yaml", "-n"))
+    assert sorted(plan["notebook"]) == ["name=benchmarks", "name=perturb"], plan
 
 
 def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch):
