@@ -17,7 +17,7 @@ if unknown:
     raise ValueError(f"parameters={unknown!r} is not accepted; give parameters of the notebooks {list(NOTEBOOKS)}")
 
 wildcard_constraints:
-    name="|".join(NOTEBOOKS),
+    name="|".join(n for n in NOTEBOOKS if n != "zoo"),
 
 
 include: "workflow/grid.smk"
@@ -29,16 +29,41 @@ rule all:
     default_target: True
 
 
+def notebook_inputs(name):
+    """A notebook's inputs: its mark (rewritten only when the notebook is stale), its parameters,
+    and the executed notebooks it waits for."""
+    return dict(
+        inputs=str(RUNNER.mark(name)),
+        params=str(RUNNER.params_file(name)),
+        after=[f"book/generated/{n}.ipynb" for n in AFTER.get(name, ())],
+    )
+
+
+EXECUTE = "OMP_NUM_THREADS={threads} {PY} -m madlib.runner execute {params.name} --params {input.params}"
+
+
+rule zoo:  # first, with every core: it trains the fine-tunes (in parallel processes) that mad_auc and quirkiness read
+    input:
+        unpack(lambda w: notebook_inputs("zoo")),
+    output:
+        "book/generated/zoo.ipynb",
+    params:
+        name="zoo",
+    threads: workflow.cores
+    priority: 100
+    shell:
+        EXECUTE
+
+
 rule notebook:
     input:
-        inputs=lambda w: str(RUNNER.mark(w.name)),
-        params=lambda w: str(RUNNER.params_file(w.name)),
-        after=lambda w: [f"book/generated/{n}.ipynb" for n in AFTER.get(w.name, ())],
+        unpack(lambda w: notebook_inputs(w.name)),
     output:
         "book/generated/{name}.ipynb",
-    threads: lambda w: workflow.cores if w.name == "zoo" else 1  # the zoo trains its fine-tunes in parallel processes
+    params:
+        name=lambda w: w.name,
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m madlib.runner execute {wildcards.name} --params {input.params}"
+        EXECUTE
 
 
 rule book:
