@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -127,8 +128,9 @@ def job_dir(job: GridJob, root: Path | None = None) -> Path:
     return Path(root or build_dir()) / "grid" / "jobs" / job.id
 
 
+@lru_cache(maxsize=None)
 def code_files(notebook: Path) -> list[str]:
-    """The ``madlib`` source files a notebook can reach (a grid job's code inputs)."""
+    """The ``madlib`` source files a notebook can reach (a grid job's code inputs; read once a run)."""
     from .codehash import module_file
     from .runner import _package, notebook_modules
 

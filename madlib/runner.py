@@ -136,6 +136,26 @@ def _drop_stderr(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+TABLES = "results"
+"""Folder of the HTML build (``_build/html/results/<analysis>/``) that holds the tables' CSVs."""
+
+
+def _link_tables(path: Path, tables: list[Path]) -> None:
+    """End an executed notebook with links to the CSVs it wrote (full precision, for download),
+    as the page shows them: ``../../results/<analysis>/<table>.csv`` from ``book/generated/``."""
+    if not tables:
+        return
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    links = " · ".join(f'<a href="../../{TABLES}/{t.parent.name}/{t.name}" download>{t.parent.name}/{t.name}</a>' for t in tables)
+    nb.cells.append(nbformat.v4.new_markdown_cell(
+        "## The tables of this page\n\nEvery table above and the data behind every figure, at full precision, as CSV:\n\n"
+        f"<p>{links}</p>"
+    ))  # fmt: skip
+    nbformat.write(nb, path)
+
+
 class Runner:
     def __init__(self, root: Path | None = None, parameters: dict[str, dict] | None = None, progress: bool = True,
                  out: Path | None = None):  # fmt: skip
@@ -295,6 +315,8 @@ class Runner:
         seconds = time.perf_counter() - t0
         _drop_stderr(staging / f"{name}.ipynb")
         results = staging / "results"
+        if self.out == self.root / "book" / "generated":
+            _link_tables(staging / f"{name}.ipynb", sorted(results.glob("*/*.csv")) if results.is_dir() else [])
         written = {}
         if results.is_dir():
             for analysis in results.iterdir():
@@ -338,6 +360,11 @@ class Runner:
         res = subprocess.run(cmd, cwd=self.root)
         if res.returncode:
             raise NotebookFailed(f"jupyter-book build failed (exit {res.returncode}); see the messages above")
+        tables = self.root / "_build" / "html" / TABLES
+        shutil.rmtree(tables, ignore_errors=True)
+        for csv in sorted((build_dir() / "results").glob("*/*.csv")):  # the pages link these for download
+            (tables / csv.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(csv, tables / csv.parent.name / csv.name)
         print(f"[runner] book at {self.root / '_build' / 'html' / 'index.html'}", flush=True)
 
 

@@ -282,6 +282,8 @@ def test_results_and_stamps_are_readable_and_replaced(project, fake_papermill, u
     table, stamp = build / "results" / "ok" / "t.csv", build / "stamps" / "ok.json"
     assert mode(table) == umask_022 and mode(stamp) == umask_022
     assert json.loads(stamp.read_text())["results"] == {str(table): runner._file_digest(table)}
+    last = nbformat.read(project / "book" / "generated" / "ok.ipynb", as_version=4).cells[-1]
+    assert last.cell_type == "markdown" and '<a href="../../results/ok/t.csv" download>' in last.source, "the page links its CSVs"
     r.execute("ok")
     assert table.read_text() == "a\n2\n" and r.is_fresh("ok")
     assert sorted(p.name for p in build.iterdir()) == ["results", "stamps"], "no staging or aside left"

@@ -29,7 +29,7 @@ rule grid:
 rule grid_job:
     input:
         notebook=lambda w: f"notebooks/{GRID_JOBS[w.study + '/' + w.job].notebook}.ipynb",
-        code=lambda w: G.code_files(Path(f"notebooks/{GRID_JOBS[w.study + '/' + w.job].notebook}.ipynb")),
+        code=lambda w: list(G.code_files(Path(f"notebooks/{GRID_JOBS[w.study + '/' + w.job].notebook}.ipynb"))),
     output:
         "_build/grid/jobs/{study}/{job}/{notebook}.ipynb",
     wildcard_constraints:
