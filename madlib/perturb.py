@@ -651,25 +651,40 @@ def run_experiment(
     return PerturbResult(curves, ms, plateaus, ks_table(ms), info, built)
 
 
-def ordering(ks: pd.DataFrame, plateaus: pd.DataFrame) -> dict:
+def ordering(ks: pd.DataFrame, plateaus: pd.DataFrame, ms: pd.DataFrame | None = None, alpha: float = 0.05) -> dict:
     """The seed's orderings, checked per mode and metric: real MS steps earliest of the four main
     types, random latest, structured closer to real than baseline (smaller KS); real plateaus longest
     (with each start type's mean plateau length and the KS statistic of its lengths against real's),
     under each plateau rule of ``plateaus`` (keys of the ``reference`` rule end in ``_reference``);
-    a tie for the longest is not "real longest"."""
+    a tie for the longest is not "real longest".
+
+    With the MS steps themselves (``ms``, the experiment's per-path table), "earliest" and "latest"
+    are tested as :func:`extreme` does: the type must differ from the runner-up by a two-sample KS
+    test at level ``alpha``, so two types a step apart on average are a tie, not an ordering (the
+    table's ``earliest``/``latest`` name the type or "tie"). Without ``ms`` the means decide."""
     from scipy.stats import ks_2samp
 
+    types = ["real", "random", "baseline", "structured"]
     rows = []
     for (model, mode, metric), g in ks.groupby(["model", "mode", "metric"], sort=False):
         m = g.set_index("target_type")
-        main = m.loc[["real", "random", "baseline", "structured"], "mean"]
+        main = m.loc[types, "mean"]
+        earliest, latest = main.idxmin(), main.idxmax()
+        if ms is not None:
+            cell = ms[(ms["model"] == model) & (ms["mode"] == mode) & (ms["metric"] == metric)]
+            samples = {t: h["ms_step"].to_numpy() for t, h in cell.groupby("target_type") if t in types}
+            first, last = extreme(samples, lowest=True, alpha=alpha), extreme(samples, lowest=False, alpha=alpha)
+            earliest = first["first"] if first["clear"] else "tie"
+            latest = last["first"] if last["clear"] else "tie"
         rows.append(
             dict(
                 model=model,
                 mode=mode,
                 metric=metric,
-                real_earliest=bool(main.idxmin() == "real"),
-                random_latest=bool(main.idxmax() == "random"),
+                earliest=earliest,
+                latest=latest,
+                real_earliest=bool(earliest == "real"),
+                random_latest=bool(latest == "random"),
                 structured_closer=bool(m.loc["structured", "ks"] < m.loc["baseline", "ks"]),
             )
         )

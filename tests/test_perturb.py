@@ -111,6 +111,15 @@ def test_ks_table_and_ordering():
     )
     o = perturb.ordering(ks, plateaus)
     assert o["table"][["real_earliest", "random_latest", "structured_closer"]].all(axis=None)
+    ms = pd.DataFrame(rows)
+    tested = perturb.ordering(ks, plateaus, ms)["table"].iloc[0]
+    assert tested["real_earliest"] and tested["random_latest"] and (tested["earliest"], tested["latest"]) == ("real", "random")
+    # real earliest by a hair (0.2 steps, far inside the noise): the means say real, the test says tie
+    close = ms.assign(ms_step=np.where(ms["target_type"] == "structured", ms["ms_step"] - 5 + 0.2, ms["ms_step"]))
+    ks_close = perturb.ks_table(close)
+    assert perturb.ordering(ks_close, plateaus)["table"].iloc[0]["real_earliest"]
+    tie = perturb.ordering(ks_close, plateaus, close)["table"].iloc[0]
+    assert not tie["real_earliest"] and tie["earliest"] == "tie" and tie["random_latest"]
     assert o["real_plateau_longest"] and o["mean_plateau"]["real"] == 15
     assert o["plateau_ks"].to_dict() == {t: 1.0 for t in ("baseline", "random", "reconstruction", "structured")}
     # both plateau rules are judged, and a tie for the longest is not "real longest"
