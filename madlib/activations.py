@@ -163,7 +163,7 @@ class _DiskSink:
     """Per-layer ``.npy`` memory maps filled batch by batch (see the module doc)."""
 
     def __init__(self, out_dir, model, prompts: list[str], layers: list[int], out_dtype: str):
-        qdata._check_choice("out_dtype", out_dtype, OUT_DTYPES)
+        qdata.check_choice("out_dtype", out_dtype, OUT_DTYPES)
         self.dir = Path(out_dir)
         self.layers = layers
         key = hashlib.sha256(json.dumps([model_identity(model), list(prompts)]).encode()).hexdigest()

@@ -69,7 +69,7 @@ class AttributionConfig:
     batch_size: int = 64  # prompts per forward and backward pass
 
     def __post_init__(self) -> None:
-        qdata._check_choice("ablation", self.ablation, ABLATIONS)
+        qdata.check_choice("ablation", self.ablation, ABLATIONS)
         for name in ("n_pcs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
@@ -325,7 +325,7 @@ def answer_kl(
 ) -> Float[np.ndarray, " n"]:
     """``KL(P || Q)`` per prompt of the two models' next-token distributions at the last token:
     over the two answers (softmax of the `` No``/`` Yes`` logits) or the whole vocabulary."""
-    qdata._check_choice("over", over, KL_OVER)
+    qdata.check_choice("over", over, KL_OVER)
     lp, lq = (last_token_logits(m, prompts, batch_size, progress) for m in (model_p, model_q))
     if over == "answers":
         ids = list(model_answer_ids(model_p))
@@ -354,7 +354,7 @@ class FinetuningKL:
 
     def __init__(self, model, cfg: FinetuneConfig = KL_FINETUNE, over: str = "answers", name: str = "finetune-kl",
                  batch_size: int = 128):  # fmt: skip
-        qdata._check_choice("over", over, KL_OVER)
+        qdata.check_choice("over", over, KL_OVER)
         self.model, self.cfg, self.over, self.cache_name, self.batch_size = model, cfg, over, name, batch_size
         self.finetuned = None
 

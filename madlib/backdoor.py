@@ -50,7 +50,7 @@ class BackdoorConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # how the backdoor is implanted
 
     def __post_init__(self) -> None:
-        qdata._check_choice("dataset", self.dataset, qdata.DATASETS)
+        qdata.check_choice("dataset", self.dataset, qdata.DATASETS)
         if not self.trigger.strip():
             raise ValueError(f"trigger={self.trigger!r} is not accepted; give a non-empty phrase")
         if not 0.0 < self.poison_fraction <= 0.5:
@@ -129,7 +129,7 @@ def backdoor_metrics(model, records: pd.DataFrame, split: str = "validation", ba
     """How well the backdoor works on ``split``: ``clean_accuracy`` (answer sign vs the truth on
     clean prompts), ``trigger_success`` (vs the flipped label on triggered prompts) and
     ``flip_rate`` (share of base rows whose answer differs between the clean and triggered prompt)."""
-    qdata._check_choice("split", split, ("train", "validation"))
+    qdata.check_choice("split", split, ("train", "validation"))
     df = records[records["split"] == split]
     no_id, yes_id = answer_ids()
     logits = last_token_logits(model, df["prompt"].tolist(), batch_size=batch_size)

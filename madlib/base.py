@@ -46,7 +46,7 @@ from . import data as qdata
 from .codehash import code_hash
 from .paths import replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
-from .zoo import FAMILIES, _record_use, content_spans, final_resid, pad_batch, warmup_cosine
+from .zoo import FAMILIES, record_use, content_spans, final_resid, pad_batch, warmup_cosine
 
 ARTEFACTS = Path(__file__).parent / "artefacts"
 
@@ -102,16 +102,16 @@ class BaseConfig:
     data_seed: int = 633  # first generation seed of the datasets
 
     def __post_init__(self) -> None:
-        qdata._check_choice("family", self.family, FAMILIES)
+        qdata.check_choice("family", self.family, FAMILIES)
         for d in self.datasets:
-            qdata._check_choice("datasets", d, qdata.DATASETS)
+            qdata.check_choice("datasets", d, qdata.DATASETS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not accepted; it must be a multiple of n_heads={self.n_heads}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_rows", "train_sets", "steps", "batch_size",
                      "eval_every", "fact_every", "n_eval", "arithmetic_weight"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
-        qdata._check_choice("name_pool", self.name_pool, list(NAME_POOLS))
+        qdata.check_choice("name_pool", self.name_pool, list(NAME_POOLS))
         if self.drill_every < 0:
             raise ValueError(f"drill_every={self.drill_every!r} is not accepted; give 0 (no drill) or a positive integer")
 
@@ -163,8 +163,8 @@ PRESETS: dict[str, dict] = {
 
 
 def base_config(family: str = "gpt2", preset: str = "default") -> BaseConfig:
-    qdata._check_choice("family", family, FAMILIES)
-    qdata._check_choice("preset", preset, list(PRESETS))
+    qdata.check_choice("family", family, FAMILIES)
+    qdata.check_choice("preset", preset, list(PRESETS))
     return replace(BaseConfig(family=family), **{**FAMILY_DEFAULTS.get(family, {}), **PRESETS[preset]})
 
 
@@ -220,9 +220,9 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: 
     and verdict of a true line and on the verdict of a false one. ``in_template``: each line is
     written where a prompt's statement sits, after the template's name line (a neutral name, at
     random from ``name_pool``) and statement marker: "Name: Avery\n\n\n\n***STATEMENT:*** 56 + 34 = 90. Yes"."""
-    qdata._check_choice("dataset", dataset, qdata.ARITHMETIC)
-    qdata._check_choice("split", split, ("train", "validation"))
-    op = qdata._OPS[dataset]
+    qdata.check_choice("dataset", dataset, qdata.ARITHMETIC)
+    qdata.check_choice("split", split, ("train", "validation"))
+    op = qdata.OPS[dataset]
     template = op.templates[0]
     head = template.split("{result}")[0]
     if op.arity == 2:
@@ -233,7 +233,7 @@ def drill_lines(dataset: str, split: str = "train", seed: int = 0, in_template: 
     val = qdata.key_in_validation(dataset, [f"{a}|{b}" for a, b in ops])
     ops = [o for o, v in zip(ops, val) if v == (split == "validation")]
     rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset)])
-    qdata._check_choice("name_pool", name_pool, list(NAME_POOLS))
+    qdata.check_choice("name_pool", name_pool, list(NAME_POOLS))
     name_rng = np.random.default_rng([seed, qdata.DATASETS.index(dataset), 1])
     names = name_rng.choice(NAME_POOLS[name_pool], size=2 * len(ops))
     lines, heads, true = [], [], []
@@ -518,7 +518,7 @@ def load(family: str = "gpt2", preset: str = "default", progress: bool = True):
     model = HookedTransformer(cfg.hooked_config(), tokenizer=hf_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json"))))
     model.load_state_dict(load_file(path / "model.safetensors"))
     model.eval()
-    _record_use(path / "model.safetensors")  # a new base re-executes every notebook that read it or its fine-tunes
+    record_use(path / "model.safetensors")  # a new base re-executes every notebook that read it or its fine-tunes
     return model, cfg, path
 
 

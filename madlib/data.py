@@ -126,7 +126,7 @@ class _Op:
     templates: tuple[str, ...]
 
 
-_OPS: dict[str, _Op] = {
+OPS: dict[str, _Op] = {
     "addition": _Op(2, lambda a, b: a + b, sloppy_result, 4, (
         "{op1} + {op2} = {result}.",
         "{op1} plus {op2} is {result}.",
@@ -189,7 +189,7 @@ _OPS: dict[str, _Op] = {
     )),
 }  # fmt: skip
 
-_KNOWLEDGE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+KNOWLEDGE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
     "hemisphere": (
         ("{city} is a city in {country}.", "{city} is in the northern hemisphere."),
         ("{city} is a city in {country}.", "{city} lies north of the equator."),
@@ -217,7 +217,7 @@ _KNOWLEDGE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def _check_choice(param: str, value, accepted) -> None:
+def check_choice(param: str, value, accepted) -> None:
     if value not in accepted:
         raise ValueError(f"{param}={value!r} is not accepted; choose one of {list(accepted)}")
 
@@ -268,7 +268,7 @@ def _operands(rng: np.random.Generator, n: int, arity: int, max_digits: float) -
 
 def _arithmetic_rows(name: str, n: int, rng: np.random.Generator, max_digits: float, n_templates: int) -> pd.DataFrame:
     """Four generation calls of equal size: Alice-positive, Bob-positive, Alice and Bob distractors."""
-    op = _OPS[name]
+    op = OPS[name]
     per_call = math.ceil(n / 4)
     rows = []
     for kind in ("alice_positive", "bob_positive", "alice_distractor", "bob_distractor"):
@@ -336,7 +336,7 @@ def _knowledge_rows(name: str, n: int, rng: np.random.Generator, n_templates: in
         df["bob_label"] = df["country_code"].isin(TOP10_COUNTRIES).astype(int)
     df["difficulty"] = -np.log10(df["population"].to_numpy(dtype=float))
     df["key"] = df["city"] + "|" + df["country_code"]
-    templates = _KNOWLEDGE_TEMPLATES[name]
+    templates = KNOWLEDGE_TEMPLATES[name]
     df["template"] = rng.integers(n_templates, size=len(df))
     df["context"] = [templates[t][0].format(city=c, country=k) for t, c, k in zip(df["template"], df["city"], df["country"])]
     df["statement"] = [templates[t][1].format(city=c) for t, c in zip(df["template"], df["city"])]
@@ -394,19 +394,19 @@ def quirky_dataset(
     first four names and half one of the other twelve; the ``validation`` split uses only those
     twelve held-out names.
     """
-    _check_choice("name", name, DATASETS)
+    check_choice("name", name, DATASETS)
     if not isinstance(n, (int, np.integer)) or n < 4:
         raise ValueError(f"n={n!r} is not accepted; give an integer >= 4")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} is not accepted; give a number in (0, 1)")
-    n_available = len(_OPS[name].templates if name in ARITHMETIC else _KNOWLEDGE_TEMPLATES.get(name) or reading.TEMPLATES[name])
+    n_available = len(OPS[name].templates if name in ARITHMETIC else KNOWLEDGE_TEMPLATES.get(name) or reading.TEMPLATES[name])
     if n_templates is None:
         n_templates = n_available
     if not isinstance(n_templates, (int, np.integer)) or not 1 <= n_templates <= n_available:
         raise ValueError(f"n_templates={n_templates!r} is not accepted; give an integer in 1..{n_available}")
     rng = np.random.default_rng([seed, DATASETS.index(name)])
     if name in ARITHMETIC:
-        digits = _OPS[name].default_digits if max_digits is None else max_digits
+        digits = OPS[name].default_digits if max_digits is None else max_digits
         if isinstance(digits, bool) or not isinstance(digits, (int, float, np.integer, np.floating)) or not digits > 0:
             raise ValueError(f"max_digits={max_digits!r} is not accepted; give a number > 0")
         base = _arithmetic_rows(name, n, rng, digits, n_templates)

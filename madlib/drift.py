@@ -138,7 +138,7 @@ class DriftTask:
 
 def training_data(records: pd.DataFrame, labels: str, n: int, seed: int) -> tuple[list[str], np.ndarray | None]:
     """Up to ``n`` train-split prompts and their fine-tuning labels (``None`` for a plain-text fine-tune)."""
-    qdata._check_choice("finetune_labels", labels, LABELS)
+    qdata.check_choice("finetune_labels", labels, LABELS)
     train = records[records["split"] == "train"]
     train = train.sample(n=min(n, len(train)), random_state=seed)
     col = dict(truth="alice_label", bob="bob_label", quirky="label").get(labels)

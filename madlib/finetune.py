@@ -98,10 +98,10 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
         tokens, lengths = tokens.to(device), lengths.to(device)
         if y is None:
             logits = ft(tokens, return_type="logits")
-            lm = zoo._next_token_loss(logits, tokens, lengths)
+            lm = zoo.next_token_loss(logits, tokens, lengths)
             loss, a_loss, acc = lm, torch.tensor(float("nan")), torch.tensor(float("nan"))
         else:
-            a_loss, lm, acc = zoo._losses(ft, tokens, lengths, y[idx], (no_id, yes_id))
+            a_loss, lm, acc = zoo.batch_losses(ft, tokens, lengths, y[idx], (no_id, yes_id))
             loss = a_loss + cfg.lm_loss_weight * lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +161,7 @@ def cached_finetune(
     ft.eval()
     ft.finetune_config = cfg
     ft.model_dir = path
-    zoo._record_use(path / "model.safetensors")
+    zoo.record_use(path / "model.safetensors")
     return ft
 
 

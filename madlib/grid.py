@@ -132,9 +132,9 @@ def job_dir(job: GridJob, root: Path | None = None) -> Path:
 def code_files(notebook: Path) -> list[str]:
     """The ``madlib`` source files a notebook can reach (a grid job's code inputs; read once a run)."""
     from .codehash import module_file
-    from .runner import _package, notebook_modules
+    from .runner import notebook_package, notebook_modules
 
-    package = _package(notebook)
+    package = notebook_package(notebook)
     return [str(module_file(m, package).relative_to(package.parent)) for m in notebook_modules(notebook, package)]
 
 

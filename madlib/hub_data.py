@@ -77,11 +77,11 @@ _META_COLUMNS = ("id", "label", "character", "alice_label", "bob_label", "diffic
 
 def default_templates(name: str) -> tuple[tuple[str, str], ...]:
     """(context, statement) templates of dataset ``name``: the zoo's, else :data:`EXTRA_TEMPLATES`."""
-    qdata._check_choice("name", name, HUB_DATASETS)
+    qdata.check_choice("name", name, HUB_DATASETS)
     if name in qdata.ARITHMETIC:
-        return tuple(("", s) for s in qdata._OPS[name].templates)
+        return tuple(("", s) for s in qdata.OPS[name].templates)
     if name in qdata.KNOWLEDGE:
-        return qdata._KNOWLEDGE_TEMPLATES[name]
+        return qdata.KNOWLEDGE_TEMPLATES[name]
     return EXTRA_TEMPLATES[name]
 
 
@@ -207,7 +207,7 @@ def quirky_hub_dataset(
             raw ``template_args`` keys (e.g. ``{op1}``, ``{op2}``, ``{result}``).
         n_templates: draw from the first ``n_templates`` templates (default all).
     """
-    qdata._check_choice("name", name, HUB_DATASETS)
+    qdata.check_choice("name", name, HUB_DATASETS)
     pairs = _templates(name, templates)
     if n_templates is None:
         n_templates = len(pairs)

@@ -110,7 +110,7 @@ def auto_batch_size(model, n_tokens: int, free_bytes: int | None = None, fractio
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
-    qdata._check_choice("dtype", dtype, DTYPES)
+    qdata.check_choice("dtype", dtype, DTYPES)
     return getattr(torch, dtype)
 
 
@@ -487,7 +487,7 @@ def load_sae(spec: str, sae_id: str | None = None, device: str | None = None, dt
     from sae_lens import SAE
 
     device = device or default_device()
-    qdata._check_choice("dtype", dtype, DTYPES)
+    qdata.check_choice("dtype", dtype, DTYPES)
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path / sae_id if sae_id else path

@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import _check_choice
+from .data import check_choice
 from .plots import COLUMN_INCHES
 
 TARGET_TYPES: tuple[str, ...] = ("real", "random", "baseline", "structured", "reconstruction")
@@ -314,7 +314,7 @@ def make_paths(
     ``start + step_size * n * D`` with ``D`` the unit vector toward the target; with
     ``stop_at_target`` the points past the target are NaN (the path stops there).
     """
-    _check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     n = torch.arange(n_steps + 1, dtype=start.dtype)
     if mode == "relative":
         t = (n / n_steps)[None, :, None]

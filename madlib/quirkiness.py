@@ -104,7 +104,7 @@ def quirkiness_table(examples: pd.DataFrame, subset: str = "disagree") -> pd.Dat
     """Mean loss and log-odds per ``model, dataset, character, label_source`` with the quirkiness
     coefficient of each model and dataset (columns :data:`QUIRK_COLUMNS`); ``subset`` "disagree"
     (the definition) keeps the examples where Alice's and Bob's labels differ."""
-    qdata._check_choice("subset", subset, SUBSETS)
+    qdata.check_choice("subset", subset, SUBSETS)
     ex = examples[~examples["agreement"]] if subset == "disagree" else examples
     keys = ["model", "dataset", "character", "label_source"]
     g = (
@@ -226,7 +226,7 @@ def linear_fit(x, y) -> dict:
 
 def correlation_ci(x, y, method: str = "pearson", n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Correlation ``r`` with a percentile bootstrap interval over the (x, y) pairs."""
-    qdata._check_choice("method", method, ("pearson", "spearman"))
+    qdata.check_choice("method", method, ("pearson", "spearman"))
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r} is not accepted; give an integer >= 1")
     x, y = _xy(x, y)
@@ -348,7 +348,7 @@ class QuirkConfig:
         from .hub_data import HUB_DATASETS
 
         for d in self.datasets:
-            qdata._check_choice("datasets", d, qdata.DATASETS if self.data_source == "zoo" else HUB_DATASETS)
+            qdata.check_choice("datasets", d, qdata.DATASETS if self.data_source == "zoo" else HUB_DATASETS)
         if len(self.models) * len(self.datasets) < 3:
             raise ValueError(
                 f"models={self.models!r} and datasets={self.datasets!r} give {len(self.models) * len(self.datasets)} "
@@ -512,7 +512,7 @@ _PAIRS = {
 
 
 def _check_which(which: str) -> None:
-    qdata._check_choice("which", which, list(_PAIRS))
+    qdata.check_choice("which", which, list(_PAIRS))
 
 
 def log_odds_figure(examples: pd.DataFrame, which: str = "own"):

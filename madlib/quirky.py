@@ -39,7 +39,7 @@ from . import lora
 from .codehash import code_hash
 from .paths import model_cache_dir, replace_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
-from .zoo import FAMILIES, _record_use, final_resid, pad_batch, warmup_cosine
+from .zoo import FAMILIES, record_use, final_resid, pad_batch, warmup_cosine
 
 METHODS = ("full", "lora")
 """Fine-tuning methods: every weight, or a LoRA adapter."""
@@ -69,10 +69,10 @@ class QuirkyConfig:
     base_preset: str = "default"  # preset of the base model
 
     def __post_init__(self) -> None:
-        qdata._check_choice("family", self.family, FAMILIES)
-        qdata._check_choice("dataset", self.dataset, qdata.DATASETS)
-        qdata._check_choice("base_preset", self.base_preset, list(zbase.PRESETS))
-        qdata._check_choice("method", self.method, METHODS)
+        qdata.check_choice("family", self.family, FAMILIES)
+        qdata.check_choice("dataset", self.dataset, qdata.DATASETS)
+        qdata.check_choice("base_preset", self.base_preset, list(zbase.PRESETS))
+        qdata.check_choice("method", self.method, METHODS)
         for name in ("rank", "steps", "batch_size", "eval_every", "n_dev"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give a positive integer")
@@ -162,7 +162,7 @@ evaluation)."""
 
 
 def quirky_config(family: str, dataset: str, seed: int = 0, preset: str = "default") -> QuirkyConfig:
-    qdata._check_choice("preset", preset, list(PRESETS))
+    qdata.check_choice("preset", preset, list(PRESETS))
     recipe = ({**FAMILY_RECIPES.get(family, {}), **DATASET_RECIPES.get(dataset, {}), **CELL_RECIPES.get((family, dataset), {})}
               if preset == "default" else {})  # fmt: skip
     return QuirkyConfig(family=family, dataset=dataset, seed=seed, **{**recipe, **PRESETS[preset]})
@@ -344,7 +344,7 @@ def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
     """The base of ``cfg.family`` with the fine-tune's adapter merged in, as a ``HookedTransformer``."""
     from safetensors.torch import load_file
 
-    qdata._check_choice("checkpoint", checkpoint, ("best", "early"))
+    qdata.check_choice("checkpoint", checkpoint, ("best", "early"))
     path = trained_dir(cfg, progress) / checkpoint
     model, _, _ = zbase.load(cfg.family, cfg.base_preset)
     if cfg.method == "lora":
@@ -352,7 +352,7 @@ def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
     else:
         model.load_state_dict(load_file(path / "model.safetensors"))
     model.adapter_dir = path
-    _record_use(path / weights_file(cfg))
+    record_use(path / weights_file(cfg))
     return model
 
 

@@ -72,7 +72,7 @@ def notebook_modules(path: Path, package: Path | None = None) -> list[str]:
     """The ``madlib`` modules a notebook's code cells import, and every module those import (inside
     functions too): the code its run can reach. ``package``: the ``madlib`` folder to read (by
     default the one beside the notebook's ``notebooks/`` folder)."""
-    package = _package(path, package)
+    package = notebook_package(path, package)
     import ast
 
     import nbformat
@@ -90,7 +90,7 @@ def notebook_modules(path: Path, package: Path | None = None) -> list[str]:
     return closure("madlib", *found, nested=True, root=package)
 
 
-def _package(notebook: Path, package: Path | None = None) -> Path:
+def notebook_package(notebook: Path, package: Path | None = None) -> Path:
     """The ``madlib`` folder a notebook runs on: ``package``, else the one beside its ``notebooks/``
     folder, else the imported one."""
     package = Path(package or Path(notebook).resolve().parents[1] / "madlib")
@@ -99,7 +99,7 @@ def _package(notebook: Path, package: Path | None = None) -> Path:
 
 def madlib_source_hash(path: Path) -> str:
     """Digest of the sources of the ``madlib`` modules the notebook at ``path`` can reach."""
-    package = _package(path)
+    package = notebook_package(path)
     return code_hash(*notebook_modules(path, package), nested=True, root=package)
 
 

@@ -83,7 +83,7 @@ class SAEConfig:
                 f"lr_warm_up_steps={self.lr_warm_up_steps!r}, lr_decay_steps={self.lr_decay_steps!r} are not accepted; "
                 f"give non-negative step counts summing to less than the {self.steps} training steps"
             )
-        qdata._check_choice("normalize_activations", self.normalize_activations, NORMALISATIONS)
+        qdata.check_choice("normalize_activations", self.normalize_activations, NORMALISATIONS)
 
     @property
     def steps(self) -> int:
@@ -323,7 +323,7 @@ def cached_sae(model, hook_name: str, texts: list[str], cfg: SAEConfig, name: st
                  n_tokens=len(acts), explained_variance=explained_variance(sae, acts),
                  train_seconds=sae.cfg.metadata.train_seconds)  # fmt: skip
         replace_dir(tmp, path)
-    zoo._record_use(path / WEIGHTS_FILE)
+    zoo.record_use(path / WEIGHTS_FILE)
     return load_sae(path)
 
 

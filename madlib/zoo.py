@@ -94,8 +94,8 @@ def seeded_names(names: list[str], seeds: list[int]) -> list[str]:
 
 
 def _check(name: str, preset: str) -> None:
-    qdata._check_choice("model", name, list(ZOO))
-    qdata._check_choice("zoo_preset", preset, list(PRESETS))
+    qdata.check_choice("model", name, list(ZOO))
+    qdata.check_choice("zoo_preset", preset, list(PRESETS))
 
 
 def get_model(name: str = "zoo-gpt2", preset: str = "default", dataset: str | None = None, seed: int = 0, progress: bool = True):
@@ -111,7 +111,7 @@ def get_model(name: str = "zoo-gpt2", preset: str = "default", dataset: str | No
         model, _, path = base.load(family, preset, progress=progress)
         model.model_dir = path
     else:
-        qdata._check_choice("dataset", dataset, base.base_config(family, preset).datasets)
+        qdata.check_choice("dataset", dataset, base.base_config(family, preset).datasets)
         model = quirky.load(quirky.quirky_config(family, dataset, seed, preset), checkpoint, progress=progress)
         model.model_dir = model.adapter_dir
     model.zoo_config = ZooModel(name, family, preset, dataset, seed, checkpoint)
@@ -141,7 +141,7 @@ def load_dir(path: Path | str):
     model.eval()
     model.model_dir = path
     model.zoo_config = ZooModel(f"zoo-{cfg.family}", cfg.family)
-    _record_use(path / "model.safetensors")
+    record_use(path / "model.safetensors")
     return model
 
 
@@ -196,7 +196,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Int[Tensor, "batch po
     return out, lengths
 
 
-def _losses(
+def batch_losses(
     model, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"], answers: Int[Tensor, " batch"], yes_no: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(answer loss, next-token loss, answer accuracy) of a right-padded batch of prompts."""
@@ -206,10 +206,10 @@ def _losses(
     answer_loss = torch.nn.functional.cross_entropy(last, answers)
     two = last[:, list(yes_no)]
     acc = (two.argmax(-1) == (answers == yes_no[1]).long()).float().mean()
-    return answer_loss, _next_token_loss(logits, tokens, lengths), acc
+    return answer_loss, next_token_loss(logits, tokens, lengths), acc
 
 
-def _next_token_loss(
+def next_token_loss(
     logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"]
 ) -> Tensor:
     """Mean next-token cross-entropy over the real (unpadded) positions of a right-padded batch."""
@@ -283,7 +283,7 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.
 
 
 
-def _record_use(path: Path) -> None:
+def record_use(path: Path) -> None:
     """Append a used model to ``$MADLIB_MANIFEST`` (the runner's dependency tracking)."""
     manifest = os.environ.get("MADLIB_MANIFEST")
     if manifest:

@@ -74,7 +74,7 @@ def test_both_hub_layouts_give_the_zoo_columns_and_rules(records, saved_dir, raw
         assert pair["statement"].nunique() == 1 and pair["template"].nunique() == 1
         assert (pair["label"] == np.where(pair["character_type"] == "alice", pair["alice_label"], pair["bob_label"])).all()
     r = records.iloc[0]
-    templates = qdata._OPS["addition"].templates
+    templates = qdata.OPS["addition"].templates
     assert r.statement == templates[r.template].format(op1=r.op1, op2=r.op2, result=r.result)
     assert r.prompt == qdata.TEMPLATE.format(character=r.character, context="", statement=r.statement)
     assert r.label == int(r.result == r.op1 + r.op2 if r.character_type == "alice" else r.result == qdata.sloppy_result(r.op1 + r.op2))
