@@ -240,3 +240,68 @@ def compare_methods(auc: pd.DataFrame, a: str, b: str, n_boot: int = 2000, seed:
     text = (f"{a} minus {b}: {d.mean():+.3f} (95% interval {lo:+.3f} to {hi:+.3f}, {len(d)} cells): "
             + (f"{a} scores higher" if lo > 0 else f"{a} scores lower" if hi < 0 else "no difference, the interval covers zero"))  # fmt: skip
     return dict(diff=float(d.mean()), low=float(lo), high=float(hi), n_cells=len(d), verdict=verdict, text=text)
+
+
+SAE_SCORES: tuple[str, ...] = ("sae_diag_mahalanobis", "sae_new_latents")
+"""The SAE-latent scores the chapter weighs against the dense autoencoder and raw Mahalanobis."""
+
+
+def chapter_claims(auc: pd.DataFrame, auc_all: pd.DataFrame, main: str, seed_method: str | None = None, seed: int = 0,
+                   detected: float = DETECTED) -> dict[str, str]:  # fmt: skip
+    """The statements the MAD chapter glues, by glue key. ``auc``: the first fine-tuning seed's
+    table (every method); ``auc_all``: every seed's (``seed_method`` is judged seed by seed, see
+    :func:`seed_claims`); ``main``: the method whose per-kind means and arithmetic verdict are told.
+    Arithmetic counts as detected when every arithmetic cell reaches ``detected`` (Research Update
+    2's near-perfect AUROC); method comparisons are :func:`compare_methods`' paired tests, which
+    say "no difference" when the interval covers zero."""
+    quirky = (auc["layer"] == "aggregated") & (auc["subset"] == "all") & (auc["task"] == "quirky")
+    a = auc[quirky & (auc["method"] == main)]
+    by_kind = a.assign(kind=a["dataset"].map(_kind)).groupby(["model", "kind"])["auroc"].mean()
+    out: dict[str, str] = {}
+    lines = []
+    for name in a["model"].unique():
+        parts = [f"{k} datasets {by_kind.loc[(name, k)]:.3f}" for k in ("arithmetic", "non-arithmetic") if (name, k) in by_kind.index]
+        lines.append(f"{name}: " + ", ".join(parts))
+    out["summary_by_kind"] = "; ".join(lines)
+    arith = a[a["dataset"].isin(qdata.ARITHMETIC)]
+    if len(arith):
+        lo = arith.loc[arith["auroc"].idxmin()]
+        out["arith_verdict"] = (
+            f"The zoo agrees with EleutherAI's Research Update 2: every arithmetic dataset reaches an aggregated AUROC of at least {detected}."
+            if bool((arith["auroc"] >= detected).all()) else
+            f"The zoo does not reproduce Research Update 2's near-perfect arithmetic detection: the lowest arithmetic aggregated AUROC is "
+            f"{lo['auroc']:.3f} ({lo['model']}, {lo['dataset']}).")  # fmt: skip
+    else:
+        out["arith_verdict"] = "No arithmetic dataset was analysed in this run."
+    pattern = []
+    for name in a["model"].unique():
+        if (name, "arithmetic") in by_kind.index and (name, "non-arithmetic") in by_kind.index:
+            ar, kn = by_kind.loc[(name, "arithmetic")], by_kind.loc[(name, "non-arithmetic")]
+            pattern.append(f"{name} detects Bob {'better' if kn > ar else 'worse'} on the non-arithmetic datasets than on the "
+                           f"arithmetic ones ({kn:.3f} vs {ar:.3f})")  # fmt: skip
+    out["pattern"] = ("; ".join(pattern) + ".") if pattern else "Only one kind of dataset was analysed."
+
+    agg = auc[quirky & ~auc["skyline"].astype(bool)]
+    mean_by_method = agg.groupby("method")["auroc"].mean().sort_values(ascending=False)
+    out["best_methods"] = ", ".join(f"{k} {v:.3f}" for k, v in mean_by_method.head(3).items())
+    out["worst_methods"] = ", ".join(f"{k} {v:.3f}" for k, v in mean_by_method.tail(3).items())
+    sparse = {k: float(mean_by_method[k]) for k in (*SAE_SCORES, "dense_ae", "diag_mahalanobis", "mahalanobis") if k in mean_by_method}
+    out["sparse_compare"] = ", ".join(f"{k} {v:.3f}" for k, v in sparse.items()) or "not run"
+
+    def compared(x: str, y: str) -> str:
+        r = compare_methods(auc, x, y, seed=seed)
+        return r["text"] if r else f"{x} or {y} not run"
+
+    sae_best = max(SAE_SCORES, key=lambda k: sparse.get(k, -1.0))
+    out["sparse_verdict"] = f"{compared(sae_best, 'dense_ae')}; {compared(sae_best, 'mahalanobis')}"
+    out["flow_gap"] = compared("flow_mahalanobis", "mahalanobis")
+    out["sae_control_verdict"] = (f"{compared('sae_diag_mahalanobis', 'sae_seed2_diag_mahalanobis')}; "
+                                  f"{compared('sae_diag_mahalanobis', 'sae_random_diag_mahalanobis')}")  # fmt: skip
+    bd = auc[(auc["layer"] == "aggregated") & (auc["subset"] == "all") & (auc["task"] == "backdoor") & ~auc["skyline"].astype(bool)]
+    out["bd_mean"] = f"{bd['auroc'].mean():.3f}" if len(bd) else "not run"
+    out["quirky_mean"] = f"{agg['auroc'].mean():.3f}"
+    claims = seed_claims(auc_all, seed_method, detected) if seed_method else {}
+    out["seed_arith"] = claims.get("arith_detected", "Not judged over seeds in this run.")
+    out["seed_kinds"] = claims.get("kinds", "")
+    out["main_method"] = main
+    return out

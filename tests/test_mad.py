@@ -79,6 +79,32 @@ def test_seed_claims_judge_each_seed():
     assert row["low"] == 0.7 and row["high"] == 0.99 and row["seeds"] == 3
 
 
+def test_chapter_claims_tell_what_holds_and_what_does_not():
+    from madlib import mad
+
+    def table(arith, other, methods=("mahalanobis", "dense_ae", "sae_diag_mahalanobis", "flow_mahalanobis")):
+        rng = np.random.default_rng(0)
+        rows = []
+        for ds in ("addition", "subtraction", "sentiment", "nli"):
+            for seed in (0, 1):
+                base = arith if ds in ("addition", "subtraction") else other
+                for i, m in enumerate(methods):
+                    rows.append(dict(model="zoo-m", dataset=ds, finetune_seed=seed, method=m, layer="aggregated", subset="all",
+                                     task="quirky", skyline=False, auroc=min(1.0, base + 0.01 * i + rng.normal(0, 0.002))))  # fmt: skip
+        return pd.DataFrame(rows)
+
+    holds = table(0.97, 0.6)
+    c = mad.chapter_claims(holds[holds["finetune_seed"] == 0], holds, "mahalanobis", seed_method="mahalanobis")
+    assert c["arith_verdict"].startswith("The zoo agrees") and "worse on the non-arithmetic" in c["pattern"]
+    assert "holds in every seed (2)" in c["seed_arith"] and c["bd_mean"] == "not run" and c["main_method"] == "mahalanobis"
+    assert c["best_methods"].startswith("flow_mahalanobis") and c["sparse_verdict"].startswith("sae_diag_mahalanobis minus dense_ae: +0.01") and "scores higher" in c["sparse_verdict"]
+    fails = table(0.6, 0.9)
+    c = mad.chapter_claims(fails[fails["finetune_seed"] == 0], fails, "mahalanobis")
+    assert c["arith_verdict"].startswith("The zoo does not reproduce") and "(zoo-m, " in c["arith_verdict"]
+    assert "better on the non-arithmetic" in c["pattern"] and c["seed_arith"] == "Not judged over seeds in this run."
+    assert "sae_seed2_diag_mahalanobis not run" in c["sae_control_verdict"]
+
+
 def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
     from madlib import mad
 
