@@ -451,3 +451,65 @@ def plot_drift_matrix(table: pd.DataFrame, k: int):
         ax.set(xlabel="candidate set", ylabel="fine-tuned on")
     fig.tight_layout()
     return fig
+
+
+ABLATION_FALLS_RHO = -0.5
+"""Spearman correlation of the mean candidate rate with k below which the rate "falls with k"."""
+RECON_KEPT = 0.9
+"""Share of the KL and next-token-loss scores a spliced SAE reconstruction must keep for the drift
+to count as measured with an SAE that still fits the fine-tuned models."""
+
+
+def chapter_claims(table: pd.DataFrame, summary: pd.DataFrame, audit: pd.DataFrame, k: int, k_max: int) -> dict:
+    """The statements and numbers the drift chapter glues, by glue key: task < general per
+    fine-tune at ``k`` and over every k; the candidate rates against the report's
+    (:data:`SEED_REPORTED_RATE`) and their trend in k (:data:`ABLATION_FALLS_RHO`); the audit's
+    accuracies per signal (at ``k`` and averaged over k) against chance; and the SAE's fit to the
+    fine-tuned models (:data:`RECON_KEPT`). ``table``: :func:`drift_table`'s rows; ``summary``
+    and ``audit``: the audit's accuracy table and rankings."""
+    from scipy.stats import spearmanr
+
+    out: dict = {}
+    at_k = table[table["k"] == k]
+    own_s = at_k[at_k["is_task"]].set_index("task")["intersection_mean"]
+    gen_g = at_k[at_k["eval_set"] == GENERAL].set_index("task")["intersection_mean"]
+    holds = own_s < gen_g[own_s.index]
+    cells = "; ".join(f"{t}: S = {own_s[t]:.3f}, G = {gen_g[t]:.3f}" for t in own_s.index)
+    out["task_general_verdict"] = (
+        (f"Task < general holds for every one of the {len(holds)} fine-tunes" if holds.all() else
+         f"Task < general holds for {int(holds.sum())} of the {len(holds)} fine-tunes, not for " + ", ".join(holds.index[~holds]))
+        + f" ({cells}).")  # fmt: skip
+    rate = at_k[at_k["is_task"]].set_index("task")
+    out["rate_nonoverlap_range"] = f"{rate['rate_nonoverlap'].min():.3f} to {rate['rate_nonoverlap'].max():.3f}"
+    out["rate_gap_over_general_range"] = f"{rate['rate_gap_over_general'].min():.3f} to {rate['rate_gap_over_general'].max():.3f}"
+    out["seed_rate"] = SEED_REPORTED_RATE
+    out["n_over15"] = f"{int((rate['rate_nonoverlap'] > SEED_REPORTED_RATE).sum())} of {len(rate)}"
+    abl = table[table["is_task"]].groupby("k")["rate_nonoverlap"].mean()
+    rho = float(spearmanr(abl.index, abl.to_numpy())[0]) if len(abl) > 1 else float("nan")
+    out["abl_rho"] = rho
+    out["abl_verdict"] = "falls with k, as in the report" if rho < ABLATION_FALLS_RHO else "does not fall steadily with k, unlike the report's"
+    every_k = table[table["is_task"]].merge(table[table["eval_set"] == GENERAL][["task", "k", "intersection_mean"]],
+                                            on=["task", "k"], suffixes=("", "_general"))  # fmt: skip
+    out["n_cells_hold"] = f"{int((every_k['intersection_mean'] < every_k['intersection_mean_general']).sum())} of {len(every_k)}"
+    out["abl_first"], out["abl_mid"], out["abl_last"] = float(abl.iloc[0]), float(abl.loc[min(10, k_max)]), float(abl.iloc[-1])
+    acc = summary[summary["k"] == k].set_index("signal")
+    for sig in acc.index:
+        out[f"acc_{sig}"] = float(acc.loc[sig, "accuracy"])
+    for key, sig in (("acc_all_k_sae", "sae_intersection"), ("acc_all_k_dist", "activation_distance"),
+                     ("acc_all_k_sae_centred", "sae_intersection_centred")):  # fmt: skip
+        out[key] = float(summary.loc[summary["signal"] == sig, "accuracy"].mean())
+    n_cand = int(audit["n_candidates"].iloc[0])
+    out["chance"], out["n_candidates"] = 1 / n_cand, n_cand
+    ev = table.drop_duplicates(["task", "eval_set"])
+    out["ev_base"] = f"{ev['recon_base_explained_variance'].min():.3f} to {ev['recon_base_explained_variance'].max():.3f}"
+    out["ev_ft"] = f"{ev['recon_explained_variance'].min():.3f} to {ev['recon_explained_variance'].max():.3f}"
+    out["kl_ft_min"], out["ce_ft_min"] = float(ev["recon_kl_div_score"].min()), float(ev["recon_ce_loss_score"].min())
+    drop = float((ev["recon_base_explained_variance"] - ev["recon_explained_variance"]).max())
+    kept = min(out["kl_ft_min"], out["ce_ft_min"]) > RECON_KEPT
+    out["control_verdict"] = (
+        f"The explained variance drops by at most {drop:.3f} from base to fine-tuned activations"
+        + (f", and the spliced reconstruction keeps over {RECON_KEPT:.0%} of both scores: the drift is measured with an SAE that "
+           "still fits the fine-tuned models." if kept else
+           f"; the spliced reconstruction loses more than {1 - RECON_KEPT:.0%} of a score somewhere, so part of the drift may be "
+           "reconstruction failure rather than changed features."))  # fmt: skip
+    return out

@@ -151,3 +151,30 @@ def test_drift_figures_are_legible_at_the_column_width():
         assert min(displayed_text_px(f) for f in figs) >= 9
     finally:
         plt.close("all")
+
+
+def _claims_tables(own: float, general: float, rates: list[float], kl: float):
+    rows = []
+    for task in ("math", "code"):
+        for ev in ("math", "code", "general"):
+            for k, r in zip((1, 2, 3), rates):
+                rows.append(dict(task=task, eval_set=ev, k=k, is_task=ev == task, intersection_mean=own if ev == task else general,
+                                 rate_nonoverlap=r, rate_gap_over_general=r / 2, recon_base_explained_variance=0.9,
+                                 recon_explained_variance=0.85, recon_kl_div_score=kl, recon_ce_loss_score=0.95))  # fmt: skip
+    summary = pd.DataFrame([dict(k=k, signal=s, accuracy=a) for k in (1, 2, 3)
+                            for s, a in (("sae_intersection", 1.0), ("activation_distance", 0.5), ("sae_intersection_centred", 0.5))])  # fmt: skip
+    return pd.DataFrame(rows), summary, pd.DataFrame({"n_candidates": [4, 4]})
+
+
+def test_chapter_claims_tell_what_holds_and_what_does_not():
+    table, summary, audit = _claims_tables(own=0.3, general=0.6, rates=[0.4, 0.2, 0.1], kl=0.97)
+    c = drift.chapter_claims(table, summary, audit, k=2, k_max=3)
+    assert c["task_general_verdict"].startswith("Task < general holds for every one of the 2 fine-tunes")
+    assert c["abl_verdict"].startswith("falls with k") and c["abl_rho"] == pytest.approx(-1.0)
+    assert c["n_over15"] == "2 of 2" and c["n_cells_hold"] == "6 of 6" and c["chance"] == 0.25
+    assert c["acc_sae_intersection"] == 1.0 and "still fits" in c["control_verdict"]
+    table, summary, audit = _claims_tables(own=0.6, general=0.3, rates=[0.1, 0.2, 0.3], kl=0.5)
+    c = drift.chapter_claims(table, summary, audit, k=2, k_max=3)
+    assert c["task_general_verdict"].startswith("Task < general holds for 0 of the 2 fine-tunes, not for math, code")
+    assert c["abl_verdict"].startswith("does not fall") and c["abl_rho"] == pytest.approx(1.0) and c["n_cells_hold"] == "0 of 6"
+    assert "reconstruction failure" in c["control_verdict"]
