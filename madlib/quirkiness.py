@@ -456,6 +456,47 @@ def ratio_bins(sep: pd.DataFrame, edges: tuple[float, ...] = (5e-3, 1e-1)) -> pd
     )
 
 
+RATIO_EDGES: tuple[float, float] = (5e-3, 1e-1)
+"""Research Update 2's ends of the S-curve: AUROC about 0.5 below the first ratio, about 1 above the second."""
+NEAR_CHANCE = 0.6
+"""Mean AUROC below which the low end counts as "near chance"."""
+NEAR_ONE = 0.9
+"""Mean AUROC from which the high end counts as "near 1"."""
+
+
+def s_curve_claims(sep: pd.DataFrame, fit: LogisticFit, bins: pd.DataFrame, outliers: pd.DataFrame,
+                   edges: tuple[float, ...] = RATIO_EDGES) -> dict[str, str]:  # fmt: skip
+    """The statements the separation chapter glues about AUROC against the hidden-state variance
+    ratio, by glue key: the fitted curve (midpoint, slope per decade, R²), the bins' mean AUROC,
+    the named exceptions and their side of the curve, the points below chance, and the verdict on
+    the S-curve: it holds when the lowest bin's mean AUROC is below :data:`NEAR_CHANCE`, the highest
+    bin's at least :data:`NEAR_ONE` and the fitted slope positive; it cannot be checked when an end
+    holds no point."""
+    out = dict(fit_mid=f"{fit.midpoint_x:.3g}", edge_lo=f"{edges[0]:g}", edge_hi=f"{edges[-1]:g}",
+               fit_slope=f"{fit.slope:.2f}", fit_r2=f"{fit.r2:.2f}")  # fmt: skip
+    out["bins"] = "; ".join(f"{r.hidden_ratio_bin}: {r.mean_auroc:.3f} ({r.n} points)" if r.n else f"{r.hidden_ratio_bin}: no point"
+                            for r in bins.itertuples())  # fmt: skip
+    out["outliers"] = "; ".join(
+        f"{r['model']} on {r['dataset']}, layer {r['layer']} (ratio {r['hidden_ratio']:.3g}, AUROC {r['auroc']:.3f}, "
+        f"{'above' if r['residual'] > 0 else 'below'} the curve by {abs(r['residual']):.2f})"
+        for _, r in outliers.iterrows()
+    ) or "none"  # fmt: skip
+    n_above = int((outliers["residual"] > 0).sum()) if len(outliers) else 0
+    out["outlier_kind"] = (f"{n_above} of the {len(outliers)} named exceptions lie above the curve (high AUROC at a low ratio, "
+                           "the kind Research Update 2 found)" if len(outliers) else "no point lies 0.1 or more from the curve")  # fmt: skip
+    out["below_chance"] = f"{int((sep['auroc'] < 0.5).sum())} of {len(sep)}"
+    low, high = bins.iloc[0], bins.iloc[-1]
+    if not (low["n"] and high["n"]):
+        missing = f"below {edges[0]:g}" if not low["n"] else f"above {edges[-1]:g}"
+        out["verdict_s"] = f"cannot be checked at both ends: no point has a ratio {missing}"
+    elif low["mean_auroc"] < NEAR_CHANCE and high["mean_auroc"] >= NEAR_ONE and fit.slope > 0:
+        out["verdict_s"] = f"holds: near chance below a ratio of {edges[0]:g} and near 1 above {edges[-1]:g}"
+    else:
+        out["verdict_s"] = (f"does not hold: mean AUROC {low['mean_auroc']:.3f} below a ratio of {edges[0]:g} and "
+                            f"{high['mean_auroc']:.3f} above {edges[-1]:g} (an S from chance to 1 needs about 0.5 and about 1)")  # fmt: skip
+    return out
+
+
 def model_summary(points: pd.DataFrame) -> pd.DataFrame:
     """Per model: mean quirkiness, mean layer-mean hidden ratio and mean AUROC over datasets, and how
     many datasets have ``Q > 0``."""

@@ -196,6 +196,24 @@ def test_logistic_fit_errors_and_outliers():
     assert out.index.tolist() == [3] and out["residual"].iloc[0] > 0.4
 
 
+def test_s_curve_claims_hold_fail_or_cannot_be_checked():
+    x = np.logspace(-4, 0, 40)
+    fit = qk.LogisticFit(2.0, -2.0, 0.5, 1.0, True, 1.0, 40)
+    sep = pd.DataFrame(dict(model="m", dataset="d", layer=1, hidden_ratio=x, auroc=fit.predict(x)))
+    sep.loc[3, "auroc"] = 0.98
+    outliers = qk.logistic_outliers(sep, fit)
+    c = qk.s_curve_claims(sep, fit, qk.ratio_bins(sep), outliers)
+    assert c["verdict_s"].startswith("holds: near chance below a ratio of 0.005 and near 1 above 0.1")
+    assert c["outlier_kind"].startswith("1 of the 1 named exceptions lie above") and "above the curve by" in c["outliers"]
+    assert c["fit_mid"] == "0.01" and c["below_chance"] == "0 of 40"
+    flat = sep.assign(auroc=0.7)
+    c = qk.s_curve_claims(flat, fit, qk.ratio_bins(flat), qk.logistic_outliers(flat, fit).iloc[:0])
+    assert c["verdict_s"].startswith("does not hold: mean AUROC 0.700 below") and c["outliers"] == "none"
+    high = sep[sep["hidden_ratio"] > 0.01]
+    c = qk.s_curve_claims(high, fit, qk.ratio_bins(high), outliers.iloc[:0])
+    assert c["verdict_s"] == "cannot be checked at both ends: no point has a ratio below 0.005"
+
+
 def test_linear_fit_and_correlation_ci():
     rng = np.random.default_rng(6)
     x = rng.normal(size=40)
