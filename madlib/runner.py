@@ -72,11 +72,11 @@ def notebook_modules(path: Path, package: Path | None = None) -> list[str]:
     """The ``madlib`` modules a notebook's code cells import, and every module those import (inside
     functions too): the code its run can reach. ``package``: the ``madlib`` folder to read (by
     default the one beside the notebook's ``notebooks/`` folder)."""
-    package = notebook_package(path, package)
     import ast
 
     import nbformat
 
+    package = notebook_package(path, package)
     nb = nbformat.read(path, as_version=4)
     found: set[str] = set()
     for cell in nb.cells:
