@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paths import atomic_path, build_dir, model_cache_dir, replace_dir
+from .paths import build_dir, model_cache_dir, replace_dir
 
 DEFAULT_RESOURCES: dict = {"gpu": 1, "mem_mb": 64000, "runtime": 240}
 """A job's resources unless its study says otherwise: one GPU, 64 GB of memory, 4 hours (minutes)."""
@@ -205,10 +205,9 @@ def collect(jobs: list[GridJob], out: Path, root: Path | None = None) -> dict[st
     staging = out.with_name(f".{out.name}-{os.getpid()}")
     written = {}
     for key, dfs in sorted(frames.items()):
-        dest = staging / key
+        dest = staging / key  # the staging folder replaces ``out`` as a whole, once every table is written
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dest) as tmp:
-            pd.concat(dfs, ignore_index=True).to_csv(tmp, index=False)
+        pd.concat(dfs, ignore_index=True).to_csv(dest, index=False)
         written[key] = out / key
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "jobs.json").write_text(json.dumps([j.id for j in jobs], indent=1))

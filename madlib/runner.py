@@ -136,6 +136,16 @@ def _drop_stderr(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (atomically) unless it already holds it, so its time changes only
+    with its content (a workflow input Snakemake compares by time)."""
+    if not (path.is_file() and path.read_text() == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
 TABLES = "results"
 """Folder of the HTML build (``_build/html/results/<analysis>/``) that holds the tables' CSVs."""
 
@@ -238,17 +248,14 @@ class Runner:
         re-runs nothing). It holds the inputs' digests, for reading."""
         path = build_dir() / "workflow" / f"{name}.inputs"
         fresh = self.is_fresh(name)
-        if fresh and path.is_file():
+        if not (fresh and path.is_file()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:  # the time makes the content new: Snakemake compares checksums of small inputs
+                tmp.write_text(json.dumps(dict(self.inputs(name), marked_at=time.time_ns()), indent=2))
+        if fresh:  # up to date: never newer than the output (a new build folder, or a dry run with other inputs since)
             t = (self.out / f"{name}.ipynb").stat().st_mtime - 1
-            if path.stat().st_mtime > t:  # marked stale by a dry run with other inputs since: up to date again
+            if path.stat().st_mtime > t:
                 os.utime(path, (t, t))
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:  # the time makes the content new: Snakemake compares checksums of small inputs
-            tmp.write_text(json.dumps(dict(self.inputs(name), marked_at=time.time_ns()), indent=2))
-        if fresh:  # up to date but the mark is missing (a new build folder): older than the output
-            t = (self.out / f"{name}.ipynb").stat().st_mtime - 1
-            os.utime(path, (t, t))
         return path
 
     def book_sources(self) -> list[Path]:
@@ -260,26 +267,16 @@ class Runner:
     def mark_book(self) -> Path:
         """``_build/workflow/book.inputs``: the digests of :meth:`book_sources`, rewritten only when
         one of them changed (the workflow's input for the book besides the executed notebooks)."""
-        path = build_dir() / "workflow" / "book.inputs"
         text = json.dumps({str(p.relative_to(self.root)): _file_digest(p) for p in self.book_sources()}, indent=2)
-        if not (path.is_file() and path.read_text() == text):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-        return path
+        return _write_if_changed(build_dir() / "workflow" / "book.inputs", text)
 
     def params_file(self, name: str) -> Path:
         """``_build/workflow/<name>.params.yaml``: the notebook's parameters for papermill (empty:
         its defaults), rewritten only when they changed."""
         import yaml
 
-        path = build_dir() / "workflow" / f"{name}.params.yaml"
         text = yaml.safe_dump(self.parameters.get(name, {}) or {}, sort_keys=True)
-        if not (path.is_file() and path.read_text() == text):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-        return path
+        return _write_if_changed(build_dir() / "workflow" / f"{name}.params.yaml", text)
 
     def execute(self, name: str) -> float:
         """Run one notebook; outputs move into place only on success. Returns seconds taken."""

@@ -14,6 +14,11 @@ GRID_JOBS = {j.id: j for j in G.load_jobs(GRID_CONFIG, [str(s) for s in GRID_STU
 GRID_ONES = sorted({j.study for j in GRID_JOBS.values()})
 
 
+def grid_job(w):
+    """The job of a grid_job rule's wildcards."""
+    return GRID_JOBS[f"{w.study}/{w.job}"]
+
+
 def grid_job_files(study):
     return [f"_build/grid/jobs/{j.id}/{j.notebook}.ipynb" for j in GRID_JOBS.values() if j.study == study]
 
@@ -28,19 +33,19 @@ rule grid:
 
 rule grid_job:
     input:
-        notebook=lambda w: f"notebooks/{GRID_JOBS[w.study + '/' + w.job].notebook}.ipynb",
-        code=lambda w: list(G.code_files(Path(f"notebooks/{GRID_JOBS[w.study + '/' + w.job].notebook}.ipynb"))),
+        notebook=lambda w: f"notebooks/{grid_job(w).notebook}.ipynb",
+        code=lambda w: list(G.code_files(Path(f"notebooks/{grid_job(w).notebook}.ipynb"))),
     output:
         "_build/grid/jobs/{study}/{job}/{notebook}.ipynb",
     wildcard_constraints:
         study="[^/]+",
         job="[^/]+/[^/]+/[^/]+",
     params:
-        parameters=lambda w: GRID_JOBS[w.study + "/" + w.job].parameters,  # a job re-runs when its parameters change
+        parameters=lambda w: grid_job(w).parameters,  # a job re-runs when its parameters change
     resources:
-        gpu=lambda w: GRID_JOBS[w.study + "/" + w.job].resources.get("gpu", 0),
-        mem_mb=lambda w: GRID_JOBS[w.study + "/" + w.job].resources.get("mem_mb", 8000),
-        runtime=lambda w: GRID_JOBS[w.study + "/" + w.job].resources.get("runtime", 60),
+        gpu=lambda w: grid_job(w).resources["gpu"],  # the study's resources over madlib.grid.DEFAULT_RESOURCES
+        mem_mb=lambda w: grid_job(w).resources["mem_mb"],
+        runtime=lambda w: grid_job(w).resources["runtime"],
     shell:
         "{PY} -m madlib.grid --config {GRID_CONFIG} run {wildcards.study}/{wildcards.job}"
 
