@@ -3,11 +3,17 @@
 A cache key that hashes a hand-written list of file names breaks when a file moves and misses
 code added to a module it did not list. :func:`code_hash` instead follows the module's
 ``madlib`` imports at module level (``from . import data``, ``from .zoo import pad_batch``,
-``import madlib.x``), recursively, and hashes the sources it reaches. Imports written inside a
+``import madlib.x``), recursively, and hashes the code it reaches. Imports written inside a
 function are not followed: the package uses them to break cycles towards a module's callers
 (``zoo.get_model`` imports ``quirky``, which imports ``zoo``), not for the code a training or
-extraction runs. The digest is over the sources' contents, sorted, so renaming or moving a
-module without changing any source keeps it.
+extraction runs.
+
+The digest is over the code's *definitions*, not its files: each top-level statement of each
+module in the closure, parsed, with import statements and docstrings dropped and comments and
+layout gone with the parse (:func:`statements`), hashed, and the hashes sorted. So moving a module,
+moving a function from one module to another, rewriting the imports that follow, or editing a
+comment or a docstring keeps the digest (and every cached model, SAE and feature keyed by it);
+changing what any statement computes changes it.
 """
 
 from __future__ import annotations
@@ -84,16 +90,39 @@ def closure(*modules: str, nested: bool = False, root: Path | None = None) -> li
     return sorted(seen)
 
 
+def _strip(node: ast.AST) -> ast.AST:
+    """``node`` without import statements and docstrings, at every depth (in place)."""
+    for child in ast.walk(node):
+        body = getattr(child, "body", None)
+        if not isinstance(body, list):
+            continue
+        kept = [s for s in body if not isinstance(s, (ast.Import, ast.ImportFrom))]
+        if isinstance(child, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and kept:
+            first = kept[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                kept = kept[1:]
+        child.body = kept or [ast.Pass()]
+    return node
+
+
+def statements(source: str) -> list[str]:
+    """The top-level statements of a module's source as :func:`code_hash` sees them: parsed and
+    printed back without imports, docstrings, comments or layout."""
+    tree = _strip(ast.parse(source))
+    return [ast.unparse(s) for s in tree.body if not isinstance(s, ast.Pass)]
+
+
 @lru_cache(maxsize=None)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def _statement_digests(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(hashlib.sha256(s.encode()).hexdigest() for s in statements(Path(path).read_text()))
 
 
 def code_hash(*modules: str, nested: bool = False, root: Path | None = None) -> str:
-    """Digest of the sources of :func:`closure` of ``modules`` (contents only, sorted)."""
-    digests = []
+    """Digest of the code of :func:`closure` of ``modules``: the sorted digests of every top-level
+    statement of every module in it (:func:`statements`), whichever file holds it."""
+    digests: list[str] = []
     for m in closure(*modules, nested=nested, root=root):
         f = module_file(m, root)
         st = f.stat()
-        digests.append(_file_digest(str(f), st.st_mtime_ns, st.st_size))
+        digests.extend(_statement_digests(str(f), st.st_mtime_ns, st.st_size))
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()

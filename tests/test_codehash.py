@@ -24,5 +24,7 @@ def test_code_hash_survives_a_move_and_sees_an_edit(tmp_path, monkeypatch):
     assert {m: codehash.code_hash(m) for m in before} == before  # the package moved, nothing changed
     (copy / "plots.py").write_text((copy / "plots.py").read_text() + "\n# an edit outside the closure\n")
     assert codehash.code_hash("madlib.quirky") == before["madlib.quirky"]
-    (copy / "data.py").write_text((copy / "data.py").read_text() + "\n# an edit inside it\n")
+    (copy / "data.py").write_text((copy / "data.py").read_text() + "\n# a comment inside it\n")
+    assert codehash.code_hash("madlib.quirky") == before["madlib.quirky"]  # comments are not code
+    (copy / "data.py").write_text((copy / "data.py").read_text() + "\nEDITED = 1\n")
     assert codehash.code_hash("madlib.quirky") != before["madlib.quirky"]

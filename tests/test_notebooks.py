@@ -188,7 +188,7 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(smoke_book, monk
     (root / "notebooks" / "drift.ipynb").touch()
     assert planned(snakemake(root, *smoke, "-n")) == {}
     with open(root / "madlib" / "perturb.py", "a") as f:
-        f.write("\n# changed\n")
+        f.write("\nCHANGED = 1\n")
     plan = planned(snakemake(root, *smoke, "-n"))
     assert plan == {"notebook": ["name=perturb"], "book": [""], "all": [""]}, plan
     smoke_params = dict(SMOKE, benchmarks=dict(SMOKE["benchmarks"], repeats=2))  # a parameter changed
