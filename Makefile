@@ -38,7 +38,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 check-book: $(STAMP)
-	$(BIN)/python -m madlib.browsercheck _build/html
+	$(BIN)/python -m madlib.workflow.browsercheck _build/html
 
 clean:
 	rm -rf _build/html _build/.doctrees _build/stamps _build/workflow book/generated

@@ -1,11 +1,11 @@
-# The book's workflow: one job per notebook of notebooks/ (papermill, through `python -m madlib.runner
-# execute`), then the book (`python -m madlib.runner book`); `make book` runs it with both cores.
-# A notebook re-runs only when its inputs changed (see madlib/runner.py: `Runner.mark`).
+# The book's workflow: one job per notebook of notebooks/ (papermill, through `python -m madlib.workflow.runner
+# execute`), then the book (`python -m madlib.workflow.runner book`); `make book` runs it with both cores.
+# A notebook re-runs only when its inputs changed (see madlib/workflow/runner.py: `Runner.mark`).
 # The real-model grid (configs/real_models.yaml) is in workflow/grid.smk: `snakemake grid`.
 import sys
 from pathlib import Path
 
-from madlib.runner import AFTER, NOTEBOOKS, Runner
+from madlib.workflow.runner import AFTER, NOTEBOOKS, Runner
 
 configfile: "configs/book.yaml"
 
@@ -39,7 +39,7 @@ def notebook_inputs(name):
     )
 
 
-EXECUTE = "OMP_NUM_THREADS={threads} {PY} -m madlib.runner execute {params.name} --params {input.params}"
+EXECUTE = "OMP_NUM_THREADS={threads} {PY} -m madlib.workflow.runner execute {params.name} --params {input.params}"
 
 
 rule zoo:  # first, with every core: it trains the fine-tunes (in parallel processes) that mad_auc and quirkiness read
@@ -73,4 +73,4 @@ rule book:
     output:
         "_build/html/index.html",
     shell:
-        "{PY} -m madlib.runner book"
+        "{PY} -m madlib.workflow.runner book"

@@ -1,4 +1,4 @@
-"""Speed and memory of the MAD pipeline (see :mod:`madlib.benchmarks`): extraction overhead against a
+"""Speed and memory of the MAD pipeline (see :mod:`madlib.analyses.benchmarks`): extraction overhead against a
 bare forward pass, Mahalanobis against sklearn, peak memory of the full detector suite.
 
     python benchmarks/mad_speed.py --model zoo-gpt2 --dataset hemisphere
@@ -13,9 +13,9 @@ import argparse
 import pandas as pd
 import torch
 
-from madlib import benchmarks
+from madlib.analyses import benchmarks
 from madlib.paths import results_dir
-from madlib.plots import write_table
+from madlib.plots.common import write_table
 
 
 def main() -> None:

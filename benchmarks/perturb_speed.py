@@ -1,9 +1,9 @@
-"""Speed of the batched perturbation engine (madlib.perturb.run_paths) against bare forward passes.
+"""Speed of the batched perturbation engine (madlib.analyses.perturb.run_paths) against bare forward passes.
 
 Every path point is one *perturbed token*: the last token of a prompt prefix with the activation at
 the perturbed hook overwritten. The table gives the time per perturbed token of
 
-* ``batched perturbed``: :func:`madlib.perturb.run_paths` (prefix key-value caches, hooks, L2 and KL);
+* ``batched perturbed``: :func:`madlib.analyses.perturb.run_paths` (prefix key-value caches, hooks, L2 and KL);
 * ``bare cached forward``: the same tokens against the same caches, no hooks, no metrics;
 * ``bare full forward``: a plain forward pass of each point's whole prefix (what a perturbation
   without caching computes), batched, no hooks;
@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from madlib import perturb, zoo
-from madlib.benchmarks import best_time as timed
+from madlib.analyses import perturb
+from madlib.models import zoo
+from madlib.analyses.benchmarks import best_time as timed
 
 
 @torch.no_grad()

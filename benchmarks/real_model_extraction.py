@@ -1,8 +1,8 @@
 """Time the real-model path end to end on a random-weights model of a real shape (no download).
 
 A model of the chosen shape is initialised with random weights, saved in the Hugging Face format
-with the zoo's tokenizer, loaded through :func:`madlib.models.load_model` (device and precision
-chosen automatically) and run through :func:`madlib.activations.extract` on quirky prompts with
+with the zoo's tokenizer, loaded through :func:`madlib.models.hub.load_model` (device and precision
+chosen automatically) and run through :func:`madlib.features.activations.extract` on quirky prompts with
 the activations streamed to disk; prints load time, prompts per second, the batch size picked
 and peak accelerator memory.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from madlib import data as qdata
-from madlib.activations import extract
-from madlib.models import auto_batch_size, default_device, load_model
-from madlib.tokenizer import hf_tokenizer
+from madlib.data import datasets as qdata
+from madlib.features.activations import extract
+from madlib.models.hub import auto_batch_size, default_device, load_model
+from madlib.models.tokenizer import hf_tokenizer
 
 SHAPES = {
     "tiny": dict(arch="llama", hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -72,7 +72,7 @@ def imports(module: str, nested: bool = False, root: Path | None = None) -> list
     """The ``madlib`` modules ``module`` imports at module level (anywhere, with ``nested``)."""
     path = module_file(module, root)
     if path is None:
-        raise ValueError(f"module={module!r} is not accepted; give a module of the {PACKAGE} package, e.g. 'madlib.quirky'")
+        raise ValueError(f"module={module!r} is not accepted; give a module of the {PACKAGE} package, e.g. 'madlib.models.quirky'")
     return imported(ast.parse(path.read_text()), module, nested, root)
 
 

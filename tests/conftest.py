@@ -22,6 +22,6 @@ def _isolated_build(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from madlib import zoo
+    from madlib.models import zoo
 
     return zoo.get_model("zoo-gpt2", preset="tiny", progress=False)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from madlib.activations import extract, hook_name, resolve_layers
-from madlib.tokenizer import answer_ids, encode
+from madlib.features.activations import extract, hook_name, resolve_layers
+from madlib.models.tokenizer import answer_ids, encode
 
 
 def test_hook_names_and_layers():
@@ -50,7 +50,7 @@ def test_zoo_extraction_streams_to_disk_identically(tiny_model, tmp_path):
 
 
 def test_last_token_logits_match_the_full_forward_pass_with_a_soft_cap(tiny_model, monkeypatch):
-    from madlib.activations import last_token_logits
+    from madlib.features.activations import last_token_logits
 
     toks = torch.tensor(encode(["Name: Bob\n\n1 + 2 = 4.", "Name: Alice\n\n1 + 2 = 3."]))
     for cap in (0.0, 2.0):

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import data as qdata
-from madlib.attribution import Attribution, AttributionConfig, FinetuningKL, answer_kl, attribution_task_features
+from madlib.data import datasets as qdata
+from madlib.features.attribution import Attribution, AttributionConfig, FinetuningKL, answer_kl, attribution_task_features
 from madlib.detectors import Mahalanobis
-from madlib.finetune import FinetuneConfig
-from madlib.mad import mad_task, score_detectors
-from madlib.tokenizer import answer_ids, build_tokenizer, encode
+from madlib.models.finetune import FinetuneConfig
+from madlib.mad.task import mad_task, score_detectors
+from madlib.models.tokenizer import answer_ids, build_tokenizer, encode
 
 # different lengths, so batches are right-padded
 PROMPTS = [f"Name: Alice\n\n{a} + {a + 2} = {2 * a + 2 + a % 3}." + " Yes" * (a % 4) for a in range(1, 21)]
@@ -26,7 +26,7 @@ def _model(init: float, seed: int = 0, family: str = "gpt2"):
         n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, n_ctx=64, d_vocab=build_tokenizer().get_vocab_size(),
         dtype=torch.float64, seed=seed, initializer_range=init, default_prepend_bos=True, **arch,
     )  # fmt: skip
-    from madlib.tokenizer import hf_tokenizer
+    from madlib.models.tokenizer import hf_tokenizer
 
     model = HookedTransformer(cfg, tokenizer=hf_tokenizer(build_tokenizer())).eval()
     # the model reads the prompts through its own tokenizer, which is madlib's

@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
-from madlib import data as qdata
-from madlib import zoo
-from madlib.attribution import FinetuningKL
-from madlib.backdoor import (
-    DEFAULT_TRIGGER, BackdoorConfig, backdoor, backdoor_metrics, backdoor_records, poisoned_training_set,
-)  # fmt: skip
-from madlib.finetune import FinetuneConfig
-from madlib.mad import mad_task
-from madlib.metrics import auroc
+from madlib.data import datasets as qdata
+from madlib.models import zoo
+from madlib.features.attribution import FinetuningKL
+from madlib.mad.backdoor import DEFAULT_TRIGGER, BackdoorConfig, backdoor, backdoor_metrics, backdoor_records, poisoned_training_set  # fmt: skip
+from madlib.models.finetune import FinetuneConfig
+from madlib.mad.task import mad_task
+from madlib.mad.metrics import auroc
 
 # small but enough for the tiny model to learn the trigger (seconds on two cores)
 TINY = BackdoorConfig(dataset="hemisphere", finetune=FinetuneConfig(steps=100, batch_size=32, lr=3e-3, warmup=5))

@@ -12,19 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import perturb, runner
-from madlib.detectors import (
-    TED,
-    Beatrix,
-    DiagMahalanobis,
-    LikelihoodRatio,
-    Mahalanobis,
-    PCAMahalanobis,
-    QuantumEntropy,
-    make_detector,
-    moments,
-    spectrum,
-)
+from madlib.analyses import perturb
+from madlib.workflow import runner
+from madlib.detectors import TED, Beatrix, DiagMahalanobis, LikelihoodRatio, Mahalanobis, PCAMahalanobis, QuantumEntropy, make_detector, moments, spectrum
 from madlib.paths import atomic_path, replace_dir
 
 

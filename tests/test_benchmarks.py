@@ -1,6 +1,6 @@
 import numpy as np
 
-from madlib import benchmarks
+from madlib.analyses import benchmarks
 
 
 def test_mahalanobis_matches_sklearn():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from madlib import browsercheck
+from madlib.workflow import browsercheck
 
 pytestmark = pytest.mark.skipif(browsercheck.chromium() is None, reason="no Chromium on this machine (make env installs it as root)")
 

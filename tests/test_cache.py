@@ -1,7 +1,7 @@
 import torch
 
-from madlib import cache
-from madlib.activations import extract
+from madlib.features import cache
+from madlib.features.activations import extract
 
 
 def test_cached_extract_equals_extract_and_reuses_the_file(tiny_model, tmp_path, monkeypatch):

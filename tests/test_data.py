@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from madlib import data as q
+from madlib.data import datasets as q
 
 
 def test_sloppy_rules():
@@ -144,7 +144,7 @@ def test_fractional_max_digits_gives_intermediate_ranges():
 
 
 def test_reading_sets_follow_their_rules():
-    from madlib import reading
+    from madlib.data import reading
 
     val = reading.valences()
     s = q.quirky_dataset("sentiment", n=600, seed=0)

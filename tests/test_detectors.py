@@ -5,30 +5,11 @@ import pytest
 import torch
 from scipy import integrate, linalg, stats
 
-from madlib import flows
-from madlib.autoencoders import VAEDetector
-from madlib.detectors import (
-    DETECTORS,
-    LOF,
-    TED,
-    Beatrix,
-    Detector,
-    DiagMahalanobis,
-    LabelledFeatures,
-    LikelihoodRatio,
-    Mahalanobis,
-    PCAMahalanobis,
-    ProbeSkyline,
-    QuantumEntropy,
-    SpectralSignature,
-    StreamingMoments,
-    gram_features,
-    make_detector,
-    neighbour_ranks,
-    register,
-)
-from madlib.flows import FlowMahalanobis, FlowNLL
-from madlib.metrics import auroc
+from madlib.detectors import flows
+from madlib.detectors.autoencoders import VAEDetector
+from madlib.detectors import DETECTORS, LOF, TED, Beatrix, Detector, DiagMahalanobis, LabelledFeatures, LikelihoodRatio, Mahalanobis, PCAMahalanobis, ProbeSkyline, QuantumEntropy, SpectralSignature, StreamingMoments, gram_features, make_detector, neighbour_ranks, register
+from madlib.detectors.flows import FlowMahalanobis, FlowNLL
+from madlib.mad.metrics import auroc
 
 # Small, fast settings for the trained detectors (the defaults are sized for d = 64 and thousands of rows).
 FAST = {

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from madlib import drift, zoo
-from madlib.sae import SAEConfig, cached_sae
+from madlib.analyses import drift
+from madlib.models import zoo
+from madlib.features.sae import SAEConfig, cached_sae
 
 
 def test_topk_over_latents_and_overlap_known_answer():
@@ -134,7 +135,7 @@ def test_drift_figures_are_legible_at_the_column_width():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from madlib.plots import displayed_text_px
+    from madlib.plots.common import displayed_text_px
 
     rng = np.random.default_rng(0)
     tasks = ["addition", "subtraction", "hemisphere", "sentiment", "nli", "sciq"]

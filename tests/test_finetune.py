@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import zoo
-from madlib.finetune import FinetuneConfig, cached_finetune, finetune
+from madlib.models import zoo
+from madlib.models.finetune import FinetuneConfig, cached_finetune, finetune
 
 
 def _data(model, n=64):

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from madlib import data as qdata
-from madlib import hub_data
-from madlib.mad import mad_task
-from madlib.models import HubUnavailableError
+from madlib.data import datasets as qdata
+from madlib.data import hub as hub_data
+from madlib.mad.task import mad_task
+from madlib.models.hub import HubUnavailableError
 
 SPLITS = {"train": 40, "validation": 24, "test": 8}
 

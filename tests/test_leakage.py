@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from madlib import base, quirky
-from madlib import data as qdata
+from madlib.models import pretrain as base, quirky
+from madlib.data import datasets as qdata
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_test_sets_are_large_enough():
 
 def test_detector_training_texts_hold_no_test_item(test_items):
     """SAEs, flows and autoencoders fit on train-split prompts (the SAEs on every dataset's)."""
-    from madlib.zoo import ZooModel, training_records
+    from madlib.models.zoo import ZooModel, training_records
 
     recs = training_records(ZooModel("zoo-gpt2", "gpt2"))
     train = recs[recs["split"] == "train"]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from madlib import lora
-from madlib.zoo import final_resid
+from madlib.models import lora
+from madlib.models.zoo import final_resid
 
 
 def _model(gated: bool) -> HookedTransformer:

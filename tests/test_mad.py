@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from madlib import data as q
-from madlib.activations import Extraction
-from madlib.mad import MadFeatures, mad_task, score_detectors
+from madlib.data import datasets as q
+from madlib.features.activations import Extraction
+from madlib.mad.task import MadFeatures, mad_task, score_detectors
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _auc_rows(values):
 
 
 def test_seed_claims_judge_each_seed():
-    from madlib import mad
+    from madlib.mad import task as mad
 
     good = {("m", "addition", s): 0.99 for s in (0, 1, 2)} | {("m", "sentiment", s): 0.6 for s in (0, 1, 2)}
     claims = mad.seed_claims(_auc_rows(good))
@@ -80,7 +80,7 @@ def test_seed_claims_judge_each_seed():
 
 
 def test_chapter_claims_tell_what_holds_and_what_does_not():
-    from madlib import mad
+    from madlib.mad import task as mad
 
     def table(arith, other, methods=("mahalanobis", "dense_ae", "sae_diag_mahalanobis", "flow_mahalanobis")):
         rng = np.random.default_rng(0)
@@ -106,7 +106,7 @@ def test_chapter_claims_tell_what_holds_and_what_does_not():
 
 
 def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
-    from madlib import mad
+    from madlib.mad import task as mad
 
     rng = np.random.default_rng(0)
     rows = []
@@ -125,7 +125,7 @@ def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
 
 
 def test_metric_table_puts_recall_beside_auroc_per_dataset():
-    from madlib import plots
+    from madlib.plots import common as plots
 
     rows = []
     for model in ("m1", "m2"):

@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from madlib.metrics import aggregate_layers, auroc, auroc_table, bootstrap_counts, standardise, weighted_auroc
+from madlib.mad.metrics import aggregate_layers, auroc, auroc_table, bootstrap_counts, standardise, weighted_auroc
 
 
 def test_auroc_gaussian_shift_matches_analytic():
@@ -70,7 +70,7 @@ def test_auroc_table_without_layers_has_only_the_aggregated_row():
 
 def test_holdout_split_and_out_of_sample_standardisation():
     from madlib.detectors import make_detector
-    from madlib.metrics import holdout_split
+    from madlib.mad.metrics import holdout_split
 
     fit, ref = holdout_split(100, 0.2, seed=3)
     assert len(ref) == 20 and len(fit) == 80 and not set(fit) & set(ref) and set(fit) | set(ref) == set(range(100))
@@ -98,7 +98,7 @@ def test_holdout_split_and_out_of_sample_standardisation():
 
 
 def test_recall_at_fpr_against_a_direct_count():
-    from madlib.metrics import recall_at_fpr, recall_columns
+    from madlib.mad.metrics import recall_at_fpr, recall_columns
 
     rng = np.random.default_rng(1)
     ref = rng.normal(size=1000)

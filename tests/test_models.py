@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from madlib import data as qdata
-from madlib import models
-from madlib.activations import answer_token_ids, extract, hook_name
+from madlib.data import datasets as qdata
+from madlib.models import hub as models
+from madlib.features.activations import answer_token_ids, extract, hook_name
 from madlib.paths import results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_check_available_fails_on_the_first_unloadable_model_before_any_work(mon
 
 
 def test_zoo_names_delegate_to_the_zoo(monkeypatch):
-    from madlib import zoo
+    from madlib.models import zoo
 
     monkeypatch.setattr(zoo, "get_model", lambda name, preset, dataset=None, seed=0: ("zoo", name, preset, dataset, seed))
     assert models.load_model("zoo-llama", preset="tiny") == ("zoo", "zoo-llama", "tiny", None, 0)
@@ -302,7 +302,7 @@ def test_real_model_grid_config_and_commands():
     cfg = yaml.safe_load((ROOT / "configs" / "real_models.yaml").read_text())
     seed000 = cfg["seeds"]["000"]
     assert len(seed000["models"]) == 2 and len(seed000["datasets"]) == 12
-    from madlib.hub_data import HUB_DATASETS
+    from madlib.data.hub import HUB_DATASETS
 
     assert sorted(seed000["datasets"]) == sorted(HUB_DATASETS)
     adapters = [models.adapter_for(seed000["adapter"], m, d) for m in seed000["models"] for d in seed000["datasets"]]
@@ -358,7 +358,7 @@ def test_drift_notebook_on_external_finetunes_and_a_pretrained_sae(hf_dirs, adap
 
 
 def test_drift_rejects_bad_external_parameters(tmp_path):
-    from madlib import drift
+    from madlib.analyses import drift
 
     with pytest.raises(ValueError, match=r"task_prompts=\['general'\] is not accepted; it needs prompts for \['math'\]"):
         drift.text_sets({"general": ["a"]}, ["math"], 5, 0)
@@ -444,8 +444,8 @@ def test_residual_identities_hold_on_load_and_a_broken_hook_is_named(loaded, kin
 def test_attribution_and_fine_tuning_read_a_hub_model_through_its_own_tokenizer(loaded, kind):
     """AtP log-odds, the answer KL and the trusted fine-tune of a hub-format model use its own
     tokenizer and answer tokens (its 400-token vocabulary is not madlib's)."""
-    from madlib.attribution import Attribution, AttributionConfig, answer_kl, model_answer_ids
-    from madlib.finetune import FinetuneConfig, finetune
+    from madlib.features.attribution import Attribution, AttributionConfig, answer_kl, model_answer_ids
+    from madlib.models.finetune import FinetuneConfig, finetune
 
     model = loaded[kind]
     no, yes = answer_token_ids(model.tokenizer)

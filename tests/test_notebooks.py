@@ -15,8 +15,8 @@ import pytest
 
 import yaml
 
-from madlib.grid import SUMMARY_NOTEBOOK
-from madlib.runner import NOTEBOOKS, NotebookFailed, Runner
+from madlib.workflow.grid import SUMMARY_NOTEBOOK
+from madlib.workflow.runner import NOTEBOOKS, NotebookFailed, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
@@ -124,7 +124,7 @@ def smoke_book(tmp_path_factory):
 def test_the_smoke_book_as_a_browser_shows_it(smoke_book):
     """Every page in headless Chromium: no console error, every image loaded, every internal link
     and anchor resolves, no raw log text or build path, formulas rendered, search works."""
-    from madlib import browsercheck
+    from madlib.workflow import browsercheck
 
     pytest.importorskip("playwright")
     if browsercheck.chromium() is None:
@@ -184,10 +184,10 @@ def test_pipeline_smoke_runs_every_notebook_and_builds_the_book(smoke_book, monk
     smoke = ("--configfile", "configs/smoke.yaml")
     again = snakemake(root, *smoke)
     assert "Nothing to be done" in again.stdout + again.stderr
-    (root / "madlib" / "metrics.py").touch()
+    (root / "madlib" / "mad" / "metrics.py").touch()
     (root / "notebooks" / "drift.ipynb").touch()
     assert planned(snakemake(root, *smoke, "-n")) == {}
-    with open(root / "madlib" / "perturb.py", "a") as f:
+    with open(root / "madlib" / "analyses" / "perturb.py", "a") as f:
         f.write("\nCHANGED = 1\n")
     plan = planned(snakemake(root, *smoke, "-n"))
     assert plan == {"notebook": ["name=perturb"], "book": [""], "all": [""]}, plan
@@ -203,7 +203,7 @@ def test_failing_notebook_names_itself_and_leaves_nothing(tmp_path, monkeypatch)
     monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nb.cells = [
-        nbformat.v4.new_code_cell("from madlib import plots\nimport pandas as pd\nplots.write_table(pd.DataFrame({'a': [1]}), 'bad', 't')"),
+        nbformat.v4.new_code_cell("from madlib.plots import common as plots\nimport pandas as pd\nplots.write_table(pd.DataFrame({'a': [1]}), 'bad', 't')"),
         nbformat.v4.new_code_cell("1 / 0"),
     ]
     nbformat.write(nb, root / "notebooks" / "bad.ipynb")
@@ -224,7 +224,7 @@ def test_results_changed_outside_the_build_are_not_fresh_and_direct_runs_write_e
     monkeypatch.setenv("MADLIB_BUILD", str(root / "_build"))
     monkeypatch.delenv("MADLIB_RESULTS", raising=False)
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell("from madlib import plots\nimport pandas as pd\n"
+    nb.cells = [nbformat.v4.new_code_cell("from madlib.plots import common as plots\nimport pandas as pd\n"
                                           "plots.write_table(pd.DataFrame({'a': [1, 2, 3]}), 'ok', 't')")]  # fmt: skip
     nbformat.write(nb, root / "notebooks" / "ok.ipynb")
     runner = Runner(root=root, progress=False)
@@ -235,7 +235,7 @@ def test_results_changed_outside_the_build_are_not_fresh_and_direct_runs_write_e
     assert not runner.is_fresh("ok"), "the build notices results that do not match their stamp"
     # a direct run (no runner) writes under its working directory, never into the book's results
     monkeypatch.chdir(tmp_path)
-    from madlib import plots
+    from madlib.plots import common as plots
 
     plots.write_table(pd.DataFrame({"a": [9]}), "ok", "t")
     assert (tmp_path / "results" / "ok" / "t.csv").is_file() and table.read_text() == "a\n1\n"

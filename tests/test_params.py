@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from madlib.params import check_parameters, injected_names
+from madlib.workflow.params import check_parameters, injected_names
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from madlib import perturb
+from madlib.analyses import perturb
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -324,7 +324,7 @@ def test_batched_paths_equal_each_path_alone(family):
 
 
 def test_run_experiment_tiny(tiny_model):
-    from madlib import zoo
+    from madlib.models import zoo
 
     texts = zoo.training_records(tiny_model.zoo_config)["prompt"].tolist()[:400]
     sae = tiny_sae(d_in=tiny_model.cfg.d_model, d_sae=64, k=4)
@@ -367,7 +367,7 @@ def test_perturb_figures_are_legible_at_the_column_width():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from madlib.plots import displayed_text_px
+    from madlib.plots.common import displayed_text_px
 
     rng = np.random.default_rng(0)
     ms = pd.DataFrame([dict(mode=m, metric=k, target_type=t, ms_step=int(rng.integers(0, 100)))

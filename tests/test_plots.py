@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from madlib import plots
+from madlib.plots import common as plots
 
 DATASETS = ["addition", "subtraction", "modularaddition", "hemisphere", "sentiment", "nli", "sciq"]
 METHODS = [f"method_{i}" for i in range(22)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from madlib import quirkiness as qk
+from madlib.analyses import quirkiness as qk
 
 matplotlib.use("Agg")
 
@@ -295,7 +295,7 @@ def test_figures_on_constructed_tables():
         ),
     ]
     assert all(len(f.axes) >= 1 for f in figs)
-    from madlib.plots import displayed_text_px
+    from madlib.plots.common import displayed_text_px
 
     # the whole zoo over three fine-tuning seeds is twelve models: each gets a style, none is dropped
     many = pd.concat([pts.assign(model=f"{m}@{i}") for i in range(6) for m in pts["model"].unique()], ignore_index=True)

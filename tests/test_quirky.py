@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from madlib import base, quirky
-from madlib import data as qdata
+from madlib.models import pretrain as base, quirky
+from madlib.data import datasets as qdata
 
 
 def test_base_corpus_asks_both_questions_of_train_items_only():
@@ -59,7 +59,7 @@ def test_drill_lines_in_the_template_sit_where_a_statement_does():
 
 
 def test_short_names_put_a_statement_where_a_character_s_prompt_does():
-    from madlib.tokenizer import build_tokenizer
+    from madlib.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     length = lambda name: len(tok.encode(qdata.prompt(name, "", "1 + 1 = 2.")).ids)  # noqa: E731

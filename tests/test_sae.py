@@ -4,24 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import zoo
+from madlib.models import zoo
 from madlib.detectors import make_detector
-from madlib.metrics import auroc
-from madlib.sae import (
-    SAEConfig,
-    SAEDiagMahalanobis,
-    SAENewLatents,
-    cached_sae,
-    collect_activations,
-    encode_latents,
-    explained_variance,
-    load_sae,
-    reconstruction_metrics,
-    sample_texts,
-    save_sae,
-    token_counts,
-    train_sae,
-)
+from madlib.mad.metrics import auroc
+from madlib.features.sae import SAEConfig, SAEDiagMahalanobis, SAENewLatents, cached_sae, collect_activations, encode_latents, explained_variance, load_sae, reconstruction_metrics, sample_texts, save_sae, token_counts, train_sae
 
 CFG = SAEConfig(d_sae=64, k=4, training_tokens=256 * 150, batch_size=256, lr=1e-2, dead_feature_window=30)
 HOOK = "blocks.1.hook_resid_pre"
@@ -94,7 +80,7 @@ def test_collect_activations_every_real_token_but_bos(tiny_model):
 
 
 def zoo_tokens(text):
-    from madlib.tokenizer import encode
+    from madlib.models.tokenizer import encode
 
     return encode([text])[0]
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import suite, zoo
+from madlib.mad import suite
+from madlib.models import zoo
 
 
 def test_best_layer_is_chosen_on_one_half_and_reported_on_the_other():
@@ -54,9 +55,9 @@ def test_run_suite_on_the_tiny_model(tiny_model):
 
 
 def test_sae_controls_are_methods_and_share_latents_as_measured(tiny_model):
-    from madlib import zoo
-    from madlib.sae import shared_latents
-    from madlib.suite import SAE_SOURCES, random_init, sae_controls
+    from madlib.models import zoo
+    from madlib.features.sae import shared_latents
+    from madlib.mad.suite import SAE_SOURCES, random_init, sae_controls
 
     table = suite.methods()
     assert table["sae_seed2_diag_mahalanobis"].features == "sae_seed2" and table["sae_random_new_latents"].detector == "sae_new_latents"
@@ -69,7 +70,7 @@ def test_sae_controls_are_methods_and_share_latents_as_measured(tiny_model):
     records = zoo.training_records(tiny_model.zoo_config)
     t = sae_controls(tiny_model, "tiny", records, [1, 2], cfg, progress=False)
     assert list(t["layer"]) == [1, 2] and t[["shared_with_seed2", "shared_with_random"]].stack().between(0, 1).all()
-    from madlib.suite import _saes
+    from madlib.mad.suite import _saes
 
     a, b = (_saes(tiny_model, "tiny", records, [1], cfg, False, c)[1] for c in ("", "seed2"))
     assert t.loc[0, "shared_with_seed2"] == shared_latents(a, b)

@@ -12,19 +12,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from madlib import codehash, grid
-from madlib.runner import notebook_modules
+from madlib import codehash
+from madlib.workflow import grid
+from madlib.workflow.runner import notebook_modules
 from test_models import _save_model
 from test_notebooks import ROOT, copy_project, planned, snakemake
 
 
 def test_the_import_graph_follows_imports_inside_functions():
-    assert "madlib.quirky" not in codehash.closure("madlib.zoo")
-    assert "madlib.quirky" in codehash.closure("madlib.zoo", nested=True)  # zoo.get_model imports quirky when it runs
+    assert "madlib.models.quirky" not in codehash.closure("madlib.models.zoo")
+    assert "madlib.models.quirky" in codehash.closure("madlib.models.zoo", nested=True)  # zoo.get_model imports quirky when it runs
     mods = notebook_modules(ROOT / "notebooks" / "perturb.ipynb")
-    assert "madlib.perturb" in mods and "madlib.drift" not in mods
+    assert "madlib.analyses.perturb" in mods and "madlib.analyses.drift" not in mods
     others = [n for n in ("zoo", "mad_auc", "quirkiness", "drift", "benchmarks")]
-    assert all("madlib.perturb" not in notebook_modules(ROOT / "notebooks" / f"{n}.ipynb") for n in others)
+    assert all("madlib.analyses.perturb" not in notebook_modules(ROOT / "notebooks" / f"{n}.ipynb") for n in others)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from madlib import base, quirky, zoo
-from madlib.tokenizer import answer_ids, build_tokenizer, encode
+from madlib.models import pretrain as base, quirky, zoo
+from madlib.models.tokenizer import answer_ids, build_tokenizer, encode
 
 
 def test_tokenizer_is_deterministic_and_answers_are_single_tokens():
@@ -49,7 +49,7 @@ def test_final_resid_is_the_hooked_forward_pass_values_and_gradients(name):
 
 
 def test_content_spans_cover_context_and_statement_only():
-    from madlib import data
+    from madlib.data import datasets as data
 
     tok = build_tokenizer()
     for ds in ("population", "addition"):

@@ -1,4 +1,4 @@
-# The real-model grid (madlib/grid.py): one job per (model, dataset) of each study of the grid
+# The real-model grid (madlib/workflow/grid.py): one job per (model, dataset) of each study of the grid
 # configuration, then the study's tables stacked and drawn by notebooks/grid_summary.ipynb.
 #
 #   snakemake grid -n                                   # the jobs, with their resources
@@ -6,7 +6,7 @@
 #   snakemake grid --profile profiles/slurm             # one SLURM job per (model, dataset)
 #
 # --config grid_config=FILE picks another configuration, grid_studies=[000] some of its studies.
-from madlib import grid as G
+from madlib.workflow import grid as G
 
 GRID_CONFIG = config.get("grid_config", "configs/real_models.yaml")
 GRID_STUDIES = config.get("grid_studies")
@@ -43,11 +43,11 @@ rule grid_job:
     params:
         parameters=lambda w: grid_job(w).parameters,  # a job re-runs when its parameters change
     resources:
-        gpu=lambda w: grid_job(w).resources["gpu"],  # the study's resources over madlib.grid.DEFAULT_RESOURCES
+        gpu=lambda w: grid_job(w).resources["gpu"],  # the study's resources over madlib.workflow.grid.DEFAULT_RESOURCES
         mem_mb=lambda w: grid_job(w).resources["mem_mb"],
         runtime=lambda w: grid_job(w).resources["runtime"],
     shell:
-        "{PY} -m madlib.grid --config {GRID_CONFIG} run {wildcards.study}/{wildcards.job}"
+        "{PY} -m madlib.workflow.grid --config {GRID_CONFIG} run {wildcards.study}/{wildcards.job}"
 
 
 rule grid_tables:
@@ -58,7 +58,7 @@ rule grid_tables:
     wildcard_constraints:
         study="[^/]+",
     shell:
-        "{PY} -m madlib.grid --config {GRID_CONFIG} collect {wildcards.study} {output}"
+        "{PY} -m madlib.workflow.grid --config {GRID_CONFIG} collect {wildcards.study} {output}"
 
 
 rule grid_summary:
