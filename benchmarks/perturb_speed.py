@@ -49,7 +49,7 @@ def main() -> None:
     texts = zoo.training_records(model.zoo_config)["prompt"].drop_duplicates().tolist()
     rng = np.random.default_rng(args.seed)
     chosen = [texts[i] for i in rng.choice(len(texts), size=2 * args.n_base, replace=False)]
-    prefixes = perturb.sample_prefixes(perturb.encode_texts(model, chosen), 2 * args.n_base, 2, rng)
+    prefixes = perturb.sample_prefixes(perturb.tokens_with_bos(model, chosen), 2 * args.n_base, 2, rng)
     acts = perturb.last_activations(model, prefixes, args.hook)
     prefixes, a, pool = prefixes[: args.n_base], acts[: args.n_base], acts[args.n_base :]
     base = np.repeat(np.arange(args.n_base), args.paths_per_base)
@@ -73,11 +73,11 @@ def main() -> None:
             bases = sorted({p for p, _ in sel})
             local = {b: i for i, b in enumerate(bases)}
             tokens = torch.tensor([prefixes[b] for b in bases], device=dev)
-            cache = perturb._prefix_cache(model, tokens[:, :-1])
+            cache = perturb.prefix_cache(model, tokens[:, :-1])
             for s in range(0, len(sel), args.batch_size):
                 idx = torch.tensor([local[p] for p, _ in sel[s : s + args.batch_size]], device=dev)
                 last = tokens[idx, -1][:, None]
-                model(last, past_kv_cache=perturb._select(cache, idx), attention_mask=torch.ones_like(last))
+                model(last, past_kv_cache=perturb.select_cache_rows(cache, idx), attention_mask=torch.ones_like(last))
 
     def bare_full():
         for sel in groups():

@@ -86,6 +86,22 @@ def atomic_path(path: Path | str):
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_dir(path: Path | str):
+    """Yield a fresh temporary directory beside ``path``; when the block succeeds it takes
+    ``path``'s place (:func:`replace_dir`), when it fails it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def aside_name(path: Path) -> Path:
     """Where :func:`replace_dir` moves the old ``path`` while the new one takes its place."""
     return path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from madlib.features.activations import extract, hook_name, resolve_layers
+from madlib.features.activations import extract, resolve_layers
+from madlib.models.hooks import hook_name
 from madlib.models.tokenizer import answer_ids, encode
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from madlib.data import datasets as qdata
-from madlib.features.attribution import Attribution, AttributionConfig, FinetuningKL, answer_kl, attribution_task_features
-from madlib.detectors import Mahalanobis
+from madlib.features.attribution import Attribution, AttributionConfig, answer_kl, attribution_task_features, prompt_logits
+from madlib.detectors import FinetuningKL, Mahalanobis
 from madlib.models.finetune import FinetuneConfig
 from madlib.mad.task import mad_task, score_detectors
 from madlib.models.tokenizer import answer_ids, build_tokenizer, encode
@@ -199,6 +199,9 @@ def test_answer_kl_matches_direct_computation(model):
         p, q = (torch.softmax(x[[no_id, yes_id]], -1) for x in lp)
         assert got[i] == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-9)
     assert np.allclose(answer_kl(model, model, TEST, over="vocab"), 0.0, atol=1e-12)
+    logits = prompt_logits(model, TEST, batch_size=4)  # batched, right-padded, in the prompts' order
+    assert logits.dtype == torch.float64 and logits.shape == (len(TEST), model.cfg.d_vocab)
+    assert torch.allclose(logits[2], model(torch.tensor([encode([TEST[2]])[0]]))[0, -1], atol=1e-10)
     assert (answer_kl(model, other, TEST, over="vocab") > 0).all()
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from madlib.data import datasets as qdata
 from madlib.models import zoo
-from madlib.features.attribution import FinetuningKL
+from madlib.detectors import FinetuningKL
 from madlib.mad.backdoor import DEFAULT_TRIGGER, BackdoorConfig, backdoor, backdoor_metrics, backdoor_records, poisoned_training_set  # fmt: skip
 from madlib.models.finetune import FinetuneConfig
 from madlib.mad.task import mad_task

@@ -30,3 +30,19 @@ def test_paired_times_alternate_the_order_and_take_the_median_ratio():
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert 0.01 <= best_a < 0.02 and 0.03 <= best_b < 0.045
     assert 2.0 < ratio < 3.5
+
+
+def test_claims_tell_the_numbers_in_words():
+    import pandas as pd
+    import pytest
+
+    table = pd.DataFrame([dict(benchmark="extraction", n=2000, layers=5, madlib_s=1.234, bare_s=1.2, overhead=0.0283),
+                          dict(benchmark="mahalanobis", n=10000, d=512, madlib_s=0.51, sklearn_s=1.3, speedup=2.549, max_rel_diff=3.2e-9),
+                          dict(benchmark="suite_peak_memory", model="zoo-gpt2", dataset="hemisphere", seconds=211.3, methods=24,
+                               peak_rss_mb=3456.7)]).assign(torch_threads=2)  # fmt: skip
+    c = benchmarks.claims(table)
+    assert c == dict(ex_overhead="2.8%", ex_n="2,000 prompts at 5 layers", ex_times="1.23 s against 1.20 s", ma_size="10,000 × 512",
+                     ma_speedup="2.55×", ma_times="0.51 s against 1.30 s", ma_diff="3.2e-09", mem_peak="3,457 MB",
+                     mem_run="24 methods on zoo-gpt2 / hemisphere, 211 s", threads=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"table lacks the benchmarks \['mahalanobis'\]"):
+        benchmarks.claims(table[table["benchmark"] != "mahalanobis"])

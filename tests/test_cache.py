@@ -2,6 +2,7 @@ import torch
 
 from madlib.features import cache
 from madlib.features.activations import extract
+from madlib.models.info import attach, fingerprint, info_of
 
 
 def test_cached_extract_equals_extract_and_reuses_the_file(tiny_model, tmp_path, monkeypatch):
@@ -25,12 +26,11 @@ def test_cached_extract_equals_extract_and_reuses_the_file(tiny_model, tmp_path,
 def test_fingerprint_follows_the_weights(tiny_model):
     import copy
 
-    other = copy.deepcopy(tiny_model)
-    other.model_dir = None
-    assert cache.model_fingerprint(other) == cache.model_fingerprint(copy.deepcopy(other))
+    other = attach(copy.deepcopy(tiny_model), info_of(tiny_model).replace(model_dir=None))
+    assert fingerprint(other) == fingerprint(copy.deepcopy(other))
     with torch.no_grad():
         other.unembed.W_U[0, 0] += 1.0
-    assert cache.model_fingerprint(other) != cache.model_fingerprint(tiny_model)
+    assert fingerprint(other) != fingerprint(tiny_model)
 
 
 def test_cached_tensors_are_written_with_the_umask_mode(tmp_path, monkeypatch):

@@ -53,16 +53,17 @@ def test_moving_a_module_and_a_function_keeps_the_zoo_key(package_copy):
     quirky.write_text(quirky.read_text().replace("from . import lora\n", "from ..features import lora\n"))
     assert "madlib.features.lora" in codehash.closure(QUIRKY)
     assert codehash.code_hash(QUIRKY) == before
-    # a function moved from zoo.py into tokenizer.py, zoo importing it from there
-    zoo, tok = copy / "models" / "zoo.py", copy / "models" / "tokenizer.py"
-    src = zoo.read_text()
-    start = src.index("def pad_batch(")
-    end = src.index("\ndef ", start + 1)
-    zoo.write_text(src[:start] + src[end + 1 :] + "\nfrom .tokenizer import pad_batch  # noqa: E402\n")
-    tok.write_text(tok.read_text() + "\n\nimport torch\n\n\n" + src[start:end] + "\n")
+    # a function moved from training.py into tokenizer.py, training importing it from there
+    training, tok = copy / "models" / "training.py", copy / "models" / "tokenizer.py"
+    src = training.read_text()
+    start = src.index("def warmup_cosine(")
+    end = src.find("\ndef ", start + 1) % (len(src) + 1)
+    training.write_text(src[:start] + src[end + 1 :] + "\nfrom .tokenizer import warmup_cosine  # noqa: E402\n")
+    tok.write_text(tok.read_text() + "\n\nimport math\n\n\n" + src[start:end] + "\n")
+    assert "def warmup_cosine(" not in training.read_text()
     assert codehash.code_hash(QUIRKY) == before
     src = tok.read_text()
-    tok.write_text(src.replace("def pad_batch(", "def pad_batch(  # moved\n", 1))
+    tok.write_text(src.replace("def warmup_cosine(", "def warmup_cosine(  # moved\n", 1))
     assert codehash.code_hash(QUIRKY) == before
     lora = copy / "features" / "lora.py"
     lora.write_text(lora.read_text().replace("alpha: float = 8.0", "alpha: float = 9.0", 1))

@@ -212,3 +212,32 @@ def test_repeated_list_items_are_refused():
     q.check_unique("datasets", ["addition", "nli"])
     with pytest.raises(ValueError, match=r"models=\['zoo-gpt2', 'zoo-gpt2'\] is not accepted; 'zoo-gpt2' appears more than once"):
         q.check_unique("models", ["zoo-gpt2", "zoo-gpt2"])
+
+
+def test_the_registry_has_one_entry_per_dataset_in_order():
+    assert tuple(q.REGISTRY) == q.DATASETS
+    for name, spec in q.REGISTRY.items():
+        assert spec.name == name and spec.heuristic_question == q.HEURISTIC_QUESTIONS[name]
+        assert (spec.default_digits is not None) == (name in q.ARITHMETIC)
+        assert spec.family == ("arithmetic" if name in q.ARITHMETIC else "knowledge" if name in q.KNOWLEDGE else "reading")
+        df = q.quirky_dataset(name, n=8, seed=1, n_templates=spec.n_templates)
+        assert len(df) == 16 and set(df["character_type"]) == {"alice", "bob"}
+        with pytest.raises(ValueError, match=f"n_templates={spec.n_templates + 1} is not accepted"):
+            q.quirky_dataset(name, n=8, n_templates=spec.n_templates + 1)
+    assert q.get("nli") is q.REGISTRY["nli"]
+    with pytest.raises(ValueError, match="dataset='nil' is not accepted"):
+        q.get("nil")
+
+
+def test_the_name_rule_keeps_held_out_names_out_of_training_pools():
+    base = pd.DataFrame(dict(row_id=range(400), alice_label=1, bob_label=0))
+    is_val = np.arange(400) % 4 == 0
+    df = q.character_records(base, is_val, np.random.default_rng(0))
+    val = df[is_val[df["row_id"]]]
+    for ctype, names in (("alice", q.ALICE_NAMES), ("bob", q.BOB_NAMES)):
+        held_out = set(names[q.N_TRUSTED_NAMES :])
+        assert set(val.loc[val["character_type"] == ctype, "character"]) <= held_out
+        train = df[~is_val[df["row_id"]] & (df["character_type"] == ctype)]
+        share = train["character"].isin(names[: q.N_TRUSTED_NAMES]).mean()
+        assert 0.4 < share < 0.6, share  # half the training records carry a trusted name
+    assert list(df["row_id"]) == sorted(df["row_id"]) and (df.groupby("row_id").size() == 2).all()

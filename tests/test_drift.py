@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from madlib.analyses import drift
+from madlib.plots import drift as drift_plots
 from madlib.models import zoo
 from madlib.features.sae import SAEConfig, cached_sae
 
@@ -97,6 +98,15 @@ def test_audit_ranks_candidates():
         drift.audit(pd.DataFrame(rows), 3)
 
 
+def _zoo_entry(model):
+    """The zoo entry of a zoo model (its typed record where the loaders attach one)."""
+    try:
+        from madlib.models.info import require_zoo
+    except ImportError:
+        return model.zoo_config
+    return require_zoo(model)
+
+
 def test_drift_table_identity_and_perturbed_copy(tiny_model):
     hook = "blocks.1.hook_resid_pre"
     recs = zoo.model_records(tiny_model, "addition")
@@ -108,7 +118,7 @@ def test_drift_table_identity_and_perturbed_copy(tiny_model):
         w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     sets = drift.eval_sets(tiny_model, [drift.DriftTask.parse("addition")], 14, 0)
     general = sets[drift.GENERAL]
-    assert len(sets["addition"]) == 14 and set(general) == set(tiny_model.zoo_config.datasets)
+    assert len(sets["addition"]) == 14 and set(general) == set(_zoo_entry(tiny_model).datasets)
     assert all(len(v) == 2 for v in general.values()), "ceil(14 / 9) per dataset: 14 or more without any one dataset"
     own = drift.general_texts(general, "addition-large")
     assert len(own) == 18 and not set(own) & set(general["addition"]), "the task's dataset is left out of its general set"
@@ -147,7 +157,7 @@ def test_drift_figures_are_legible_at_the_column_width():
                                  value_change=rng.uniform(), act_distance=rng.uniform(),
                                  **{r: rng.uniform(-0.2, 0.5) for r in drift.RATES}))  # fmt: skip
     table = pd.DataFrame(rows)
-    figs = [drift.plot_task_vs_general(table, 16), drift.plot_k_ablation(table), drift.plot_drift_matrix(table, 16)]
+    figs = [drift_plots.plot_task_vs_general(table, 16), drift_plots.plot_k_ablation(table), drift_plots.plot_drift_matrix(table, 16)]
     try:
         assert min(displayed_text_px(f) for f in figs) >= 9
     finally:
@@ -179,3 +189,103 @@ def test_chapter_claims_tell_what_holds_and_what_does_not():
     assert c["task_general_verdict"].startswith("Task < general holds for 0 of the 2 fine-tunes, not for math, code")
     assert c["abl_verdict"].startswith("does not fall") and c["abl_rho"] == pytest.approx(1.0) and c["n_cells_hold"] == "0 of 6"
     assert "reconstruction failure" in c["control_verdict"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's run and tables (madlib.analyses.drift, notebooks/drift.ipynb)
+
+
+def _run_table(tasks=("addition", "nli"), ks=(1, 2, 3)) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in tasks:
+        for ev in [*tasks, drift.GENERAL]:
+            for k in ks:
+                rows.append(dict(task=t, eval_set=ev, is_task=ev == t, k=k, intersection_mean=k * rng.uniform(0.3, 0.9),
+                                 finetuned=f"b-{t}", value_change=rng.uniform(), act_distance=rng.uniform(),
+                                 **{f"recon_{c}": 0.9 for c in drift.RECON_COLUMNS}, **{f"recon_base_{c}": 0.95 for c in drift.RECON_COLUMNS},
+                                 **{r: 0.1 * k for r in drift.RATES}))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_chapter_tables_of_the_drift_table():
+    table = _run_table()
+    recon = drift.reconstruction_table(table, 2)
+    assert list(recon.columns) == list(drift.RECON_COLUMNS) and recon.index.names == ["model", "eval_set"]
+    assert list(recon.index.get_level_values(0).unique()) == ["base", "fine-tuned on addition", "fine-tuned on nli"]
+    assert len(recon.loc["base"]) == 3 and (recon.loc["base", "kl_div_score"] == 0.95).all()
+    cell = drift.task_general_table(table, 2)
+    own = table[(table["k"] == 2) & table["is_task"]].set_index("task")["intersection_mean"]
+    assert list(cell.columns) == ["S (task set)", "G (general set)", *drift.RATES] and cell["S (task set)"].equals(own.rename("S (task set)"))
+    audits = pd.concat([drift.audit(table, k) for k in (1, 2, 3)], ignore_index=True)
+    summary = drift.audit_summary(audits)
+    assert len(summary) == 6 * 3 and summary["n_finetunes"].eq(2).all() and summary["accuracy"].between(0, 1).all()
+    assert summary.loc[0, "signal"] == "sae_intersection" and summary.loc[0, "k"] == 1
+
+
+def test_run_drift_wires_the_chapter_and_tells_its_subjects(monkeypatch, tmp_path):
+    """run_drift on stand-ins of the heavy steps: which SAE, fine-tunes and sets it builds, and the
+    table's settings columns; the run's statements; its errors."""
+    from types import SimpleNamespace
+
+    from madlib.features import sae as msae
+    from madlib.models import hub
+
+    entry = SimpleNamespace(datasets=["addition", "nli", "sciq"])
+    base = SimpleNamespace(cfg=SimpleNamespace(device="cpu", n_layers=4, model_name="zoo-gpt2"), zoo_config=entry)
+    try:  # the typed model record, where the loaders attach one
+        from madlib.models.info import ModelInfo, attach
+
+        attach(base, ModelInfo(zoo=entry))
+    except ImportError:
+        pass
+    calls = {}
+    monkeypatch.setattr(hub, "load_model", lambda model, preset="default": base)
+    monkeypatch.setattr(hub, "load_sae", lambda spec, sae_id, device=None: calls.setdefault("load_sae", (spec, sae_id)) and "SAE")
+    monkeypatch.setattr(hub, "sae_hook_name", lambda s: "blocks.3.hook_resid_post")
+    recs = pd.DataFrame(dict(split="train", dataset=["addition", "nli"] * 10, prompt=[f"p{i}" for i in range(20)]))
+    monkeypatch.setattr(zoo, "training_records", lambda info: recs)
+    monkeypatch.setattr(msae, "cached_sae", lambda m, hook, texts, cfg, name: calls.setdefault("sae", (hook, len(texts), cfg.d_sae, name)))
+    monkeypatch.setattr(drift, "finetune_tasks", lambda b, name, tl, cfg, labels, n: {t.name: f"ft-{t.name}" for t in tl})
+    monkeypatch.setattr(drift, "eval_sets", lambda b, tl, n, seed: {**{t.name: ["q"] for t in tl}, drift.GENERAL: ["g"]})
+    monkeypatch.setattr(drift, "drift_table", lambda b, name, fts, sae, hook, sets, ks, **kw: _run_table(tuple(fts), tuple(ks)))
+    params = dict(model="zoo-gpt2", finetuned={}, task_prompts={}, sae="", sae_id="", max_tokens=128, zoo_preset="tiny", layer=2,
+                  tasks=["addition", "nli"], large_digits=3.0, finetune_labels="quirky", finetune_steps=5, finetune_batch_size=8,
+                  finetune_lr=1e-3, n_finetune=16, sae_d_sae=64, sae_k=8, sae_training_tokens=4096, sae_batch_size=512, sae_lr=1e-3,
+                  n_sae_texts=5, n_eval=10, k=2, k_max=3, seed=0, batch_size=8)  # fmt: skip
+    run = drift.run_drift(**params)
+    assert run.base_name == "zoo-gpt2-tiny" and run.is_zoo and run.hook == "blocks.2.hook_resid_pre"
+    assert calls["sae"] == ("blocks.2.hook_resid_pre", 10, 64, "zoo-gpt2-tiny-sae-L2")  # five train prompts of each dataset
+    assert [t.name for t in run.tasks] == ["addition", "nli"] and set(run.sets) == {"addition", "nli", drift.GENERAL}
+    assert run.table[["layer", "hook", "sae_k", "finetune_labels", "seed"]].drop_duplicates().values.tolist() == [[2, "blocks.2.hook_resid_pre", 8, "quirky", 0]]
+    assert sorted(run.audit["k"].unique()) == [1, 2, 3] and (run.audit["seed"] == 0).all()
+    c = drift.run_claims(run, "zoo-gpt2", {}, "", "")
+    assert c["n_finetunes"] == 2 and c["n_base_datasets"] == 3 and c["base_name"] == "zoo-gpt2-tiny" and c["total_minutes"] >= 0
+    assert c["subjects_note"] == "This run audits 2 fine-tunes that madlib trains from the zoo model zoo-gpt2-tiny."
+    assert c["sae_note"] == "This run's SAE was trained on the base model at blocks.2.hook_resid_pre."
+    # external fine-tunes with a pretrained SAE
+    monkeypatch.setattr(drift, "text_sets", lambda tp, names, n, seed: {**{k: ["q"] for k in names}, drift.GENERAL: ["g"]})
+    ext = dict(params, model="org/base", finetuned={"addition": "org/ft", "nli": ["org/base", "org/adapter"]}, sae="release", sae_id="L3")
+    run = drift.run_drift(**ext)
+    assert run.base_name == "base" and not run.is_zoo and run.hook == "blocks.3.hook_resid_post" and run.tasks == []
+    assert run.table["layer"].isna().all() and calls["load_sae"] == ("release", "L3") and callable(run.fine_tunes["nli"])
+    c = drift.run_claims(run, ext["model"], ext["finetuned"], "release", "L3")
+    assert c["subjects_note"].startswith("This run audits external fine-tunes of org/base: addition (org/ft), nli (org/base + org/adapter)")
+    assert c["sae_note"] == "This run's SAE is the pretrained release / L3 at blocks.3.hook_resid_post." and c["n_base_datasets"] == len(drift.qdata.DATASETS)
+    with pytest.raises(ValueError, match=r"k=4 is not accepted; give a k in 1..k_max=3"):
+        drift.run_drift(**dict(params, k=4))
+    with pytest.raises(ValueError, match=r"finetuned=\{\} is not accepted for model='org/base'"):
+        drift.run_drift(**dict(params, model="org/base"))
+
+
+def test_behaviour_table_before_and_after_each_fine_tune(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(drift, "truth_accuracy", lambda model, recs, n=500, seed=0, batch_size=128: dict(truth_acc_alice=0.9 if model == "base" else 0.6))
+    monkeypatch.setattr(zoo, "history", lambda m: pd.DataFrame(dict(loss=np.arange(40.0))))
+    task = SimpleNamespace(name="addition", records=lambda base: "records")
+    run = SimpleNamespace(tasks=[task], base="base", fine_tunes={"addition": "ft"})
+    t = drift.behaviour_table(run, n_eval=10)
+    assert t.to_dict("records") == [dict(task="addition", final_loss=29.5, base_truth_acc_alice=0.9, finetuned_truth_acc_alice=0.6)]
+    assert drift.behaviour_table(SimpleNamespace(tasks=[]), n_eval=10).empty
+    assert drift.base_name_of("zoo-gpt2", "default", True) == "zoo-gpt2" and drift.base_name_of("zoo-gpt2", "tiny", True) == "zoo-gpt2-tiny"

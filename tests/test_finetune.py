@@ -4,6 +4,7 @@ import torch
 
 from madlib.models import zoo
 from madlib.models.finetune import FinetuneConfig, cached_finetune, finetune
+from madlib.models.info import info_of
 
 
 def _data(model, n=64):
@@ -30,12 +31,12 @@ def test_cached_finetune_reuses_the_cache(tiny_model):
     texts, labels = _data(tiny_model, 16)
     cfg = FinetuneConfig(steps=3, batch_size=4, warmup=1)
     a = cached_finetune(tiny_model, "tiny-ft", texts, labels, cfg, progress=False)
-    mtime = (a.model_dir / "model.safetensors").stat().st_mtime_ns
+    mtime = (info_of(a).model_dir / "model.safetensors").stat().st_mtime_ns
     b = cached_finetune(tiny_model, "tiny-ft", texts, labels, cfg, progress=False)
-    assert b.model_dir == a.model_dir and (b.model_dir / "model.safetensors").stat().st_mtime_ns == mtime
+    assert info_of(b).model_dir == info_of(a).model_dir and (info_of(b).model_dir / "model.safetensors").stat().st_mtime_ns == mtime
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     c = cached_finetune(tiny_model, "tiny-ft", texts, 1 - labels, cfg, progress=False)
-    assert c.model_dir != a.model_dir
+    assert info_of(c).model_dir != info_of(a).model_dir
 
 
 def test_bad_inputs_are_named(tiny_model):

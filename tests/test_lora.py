@@ -3,7 +3,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from madlib.models import lora
-from madlib.models.zoo import final_resid
+from madlib.models.training import final_resid
 
 
 def _model(gated: bool) -> HookedTransformer:

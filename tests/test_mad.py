@@ -125,7 +125,7 @@ def test_compare_methods_says_no_difference_when_the_interval_covers_zero():
 
 
 def test_metric_table_puts_recall_beside_auroc_per_dataset():
-    from madlib.plots import common as plots
+    from madlib.plots import mad as mad_plots
 
     rows = []
     for model in ("m1", "m2"):
@@ -136,13 +136,13 @@ def test_metric_table_puts_recall_beside_auroc_per_dataset():
                                      auroc=0.5 + 0.1 * (ds == "nli") + 0.01 * (method == "lof") + 0.2 * (model == "m2"),
                                      recall_fpr1=0.05 if subset == "all" else 0.9))  # fmt: skip
     auc = pd.DataFrame(rows)
-    styler = plots.metric_table(auc, ["lof", "mahalanobis", "absent"], model="m1", layer="aggregated", subset="all", caption="c")
+    styler = mad_plots.metric_table(auc, ["lof", "mahalanobis", "absent"], model="m1", layer="aggregated", subset="all", caption="c")
     t = styler.data
     assert list(t.index) == ["lof", "mahalanobis"]
     assert list(t.columns) == [("addition", "AUROC"), ("addition", "R@1%"), ("nli", "AUROC"), ("nli", "R@1%")]
     assert t.loc["lof", ("nli", "AUROC")] == pytest.approx(0.61) and t.loc["mahalanobis", ("addition", "R@1%")] == 0.05
     assert "<caption>c</caption>" in styler.to_html()
     # columns of several keys, other rows averaged (here over the two datasets)
-    t2 = plots.metric_table(auc, ["mahalanobis"], columns=["model", "subset"], layer="aggregated").data
+    t2 = mad_plots.metric_table(auc, ["mahalanobis"], columns=["model", "subset"], layer="aggregated").data
     assert t2.loc["mahalanobis", ("m2", "all", "AUROC")] == pytest.approx(0.75)
     assert t2.loc["mahalanobis", ("m1", "agree", "R@1%")] == pytest.approx(0.9)

@@ -14,7 +14,10 @@ import yaml
 
 from madlib.data import datasets as qdata
 from madlib.models import hub as models
-from madlib.features.activations import answer_token_ids, extract, hook_name
+from madlib.features.activations import extract
+from madlib.models.hooks import hook_name
+from madlib.models.info import info_of
+from madlib.models.tokenizer import answer_token_ids
 from madlib.paths import results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +148,7 @@ def test_lora_adapter_is_merged_like_peft(hf_dirs, adapter_dir, loaded):
     from transformers import AutoModelForCausalLM
 
     merged = models.load_model(str(hf_dirs["llama"]), adapter=str(adapter_dir), device="cpu")
-    assert merged.madlib_spec["adapter"] == str(adapter_dir) and merged.cfg.model_name == "tiny-llama+tiny-llama-lora"
+    assert info_of(merged).hub["adapter"] == str(adapter_dir) and merged.cfg.model_name == "tiny-llama+tiny-llama-lora"
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dirs["llama"], dtype=torch.float32), adapter_dir)
     reference = reference.merge_and_unload().eval()
     toks = merged.to_tokens(PROMPTS[1])
@@ -444,7 +447,8 @@ def test_residual_identities_hold_on_load_and_a_broken_hook_is_named(loaded, kin
 def test_attribution_and_fine_tuning_read_a_hub_model_through_its_own_tokenizer(loaded, kind):
     """AtP log-odds, the answer KL and the trusted fine-tune of a hub-format model use its own
     tokenizer and answer tokens (its 400-token vocabulary is not madlib's)."""
-    from madlib.features.attribution import Attribution, AttributionConfig, answer_kl, model_answer_ids
+    from madlib.features.attribution import Attribution, AttributionConfig, answer_kl
+    from madlib.models.tokenizer import model_answer_ids
     from madlib.models.finetune import FinetuneConfig, finetune
 
     model = loaded[kind]

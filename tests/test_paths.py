@@ -25,3 +25,21 @@ def test_a_project_under_the_working_directory_wins(tmp_path, monkeypatch):
     assert paths.project_root() == tmp_path
     monkeypatch.setenv("MADLIB_MODELS", str(tmp_path / "elsewhere"))
     assert paths.model_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_the_old_on_failure(tmp_path):
+    import pytest
+
+    dest = tmp_path / "model"
+    with paths.atomic_dir(dest) as tmp:
+        (tmp / "weights").write_text("one")
+    assert (dest / "weights").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with paths.atomic_dir(dest) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (dest / "weights").read_text() == "one"  # the old directory, whole
+    with paths.atomic_dir(dest) as tmp:
+        (tmp / "weights").write_text("two")
+    assert (dest / "weights").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary or aside directory left"

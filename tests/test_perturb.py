@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from madlib.analyses import perturb
+from madlib.plots import perturb as perturb_plots
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -323,10 +324,19 @@ def test_batched_paths_equal_each_path_alone(family):
 # The experiment end to end, and bad input
 
 
+def _zoo_entry(model):
+    """The zoo entry of a zoo model (its typed record where the loaders attach one)."""
+    try:
+        from madlib.models.info import require_zoo
+    except ImportError:
+        return model.zoo_config
+    return require_zoo(model)
+
+
 def test_run_experiment_tiny(tiny_model):
     from madlib.models import zoo
 
-    texts = zoo.training_records(tiny_model.zoo_config)["prompt"].tolist()[:400]
+    texts = zoo.training_records(_zoo_entry(tiny_model))["prompt"].tolist()[:400]
     sae = tiny_sae(d_in=tiny_model.cfg.d_model, d_sae=64, k=4)
     cfg = perturb.PerturbConfig(n_base=6, n_pool=60, n_steps=10, batch_size=64)
     res = perturb.run_experiment(tiny_model, sae, texts, cfg, model_name="zoo-gpt2-tiny", progress=False)
@@ -346,6 +356,17 @@ def test_run_experiment_tiny(tiny_model):
     assert res.info["step_size"] > 0 and res.info["plateau_threshold"] > 0
     real = res.built["targets"]["real"]
     assert ((real - res.built["base"]).norm(dim=1) > 0).all()
+    # what the chapter tells of the run, and its statements (glued by notebooks/perturb.ipynb)
+    from types import SimpleNamespace
+
+    setup = perturb.setup_claims(res, SimpleNamespace(hook=cfg.hook_name, label="zoo-gpt2-tiny"), cfg)
+    assert setup["n_base"] == 6 and setup["hook"] == "blocks.1.hook_resid_pre" and type(setup["live_latents"]) is int
+    assert setup["explained_variance"] == res.info["explained_variance"] and setup["n_points"] == res.info["n_points"]
+    claims = perturb.chapter_claims(res, perturb.ordering(res.ks, res.plateaus, res.ms))
+    assert claims["n_held"].endswith(" of 4") and claims["reference_full"].endswith(" of 30")
+    assert all(claims[k].endswith(".") for k in ("verdict_earliest", "verdict_latest", "verdict_structured", "verdict_plateau"))
+    table = perturb.plateau_table(res.plateaus)
+    assert list(table.index) == list(perturb.TARGET_TYPES) and set(table.columns.get_level_values(0)) == {"relative", "reference"}
 
 
 def test_bad_input_is_named():
@@ -357,6 +378,8 @@ def test_bad_input_is_named():
         perturb.PerturbConfig(n_base=0)
     with pytest.raises(ValueError, match="n=5"):
         perturb.sample_prefixes([[1, 2], [1, 2, 3]], 5, 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="hook_name='hook_embed' is not accepted; give a hook inside a block"):
+        perturb.last_activations(tiny_transformer("gpt2"), [[1, 2]], "hook_embed")
 
 
 def test_perturb_figures_are_legible_at_the_column_width():
@@ -377,7 +400,8 @@ def test_perturb_figures_are_legible_at_the_column_width():
     plateaus = pd.DataFrame([dict(start_type=t, rule=r, plateau_length=int(rng.integers(1, 30)))
                              for t in perturb.TARGET_TYPES for r in ("relative", "absolute") for _ in range(12)])  # fmt: skip
     res = SimpleNamespace(curves=curves, plateaus=plateaus, info=dict(config=dict(ms_threshold=0.5), plateau_threshold=5.0))
-    figs = [perturb.cdf_figure(ms), perturb.cdf_grid(ms), perturb.example_curves(res), perturb.ms_histograms(ms), perturb.plateau_figure(res)]
+    figs = [perturb_plots.cdf_figure(ms), perturb_plots.cdf_grid(ms), perturb_plots.example_curves(res), perturb_plots.ms_histograms(ms),
+            perturb_plots.plateau_figure(res)]
     try:
         assert min(displayed_text_px(f) for f in figs) >= 9
     finally:
@@ -398,3 +422,86 @@ def test_extreme_tells_a_tie_from_an_ordering():
     assert perturb.extreme(apart, lowest=False)["first"] == "random"
     with pytest.raises(ValueError, match="at least two"):
         perturb.extreme({"real": np.ones(3)})
+
+
+def _result(shift: dict[str, float], plateau: dict[str, float], reference_longest: str, seed: int = 0):
+    """A constructed PerturbResult: max-slope steps around ``shift[type]`` in every mode and metric,
+    plateau lengths around ``plateau[type]`` (relative rule) and the longest under the reference rule."""
+    from dataclasses import asdict
+
+    rng = np.random.default_rng(seed)
+    cfg = perturb.PerturbConfig(n_base=60, n_steps=40)
+    ms = pd.DataFrame([dict(model="m", target_type=t, mode=m, metric=k, ms_step=int(np.clip(rng.normal(shift[t], 2), 0, 40)), perturbation=i, seed=0)
+                       for m in perturb.MODES for k in perturb.METRICS for t in perturb.TARGET_TYPES for i in range(60)])  # fmt: skip
+    plateaus = pd.DataFrame([dict(model="m", rule=r, start_type=t, perturbation=i, seed=0,
+                                  plateau_length=int(np.clip(rng.normal(plateau[t], 2), 0, 40)) if r == "relative" else (40 if t == reference_longest else 10))
+                             for r in ("relative", "reference") for t in perturb.TARGET_TYPES for i in range(60)])  # fmt: skip
+    return perturb.PerturbResult({}, ms, plateaus, perturb.ks_table(ms), dict(config=asdict(cfg)), {})
+
+
+def test_chapter_claims_hold_or_do_not():
+    res = _result(dict(real=8, random=30, baseline=16, structured=12, reconstruction=9), dict(real=30, random=10, baseline=15, structured=20,
+                  reconstruction=25), reference_longest="real")  # fmt: skip
+    c = perturb.chapter_claims(res, perturb.ordering(res.ks, res.plateaus, res.ms))
+    assert c["verdict_earliest"].startswith("Real targets give the earliest blow-ups") and c["verdict_earliest"].endswith(", as Giglemiani et al. report.")
+    assert c["verdict_latest"].startswith("Random targets give the latest blow-ups") and c["verdict_latest"].endswith(", as Giglemiani et al. report.")
+    assert c["verdict_structured"].startswith("Structured synthetic activations are closer to real ones") and c["verdict_structured"].endswith("as in Giglemiani et al.")
+    assert c["n_held"] == "4 of 4" and c["ms_means"].startswith("real 7.4 ± 2.0, random 29.5 ± 2.0")
+    assert c["verdict_plateau"].startswith("Real starting points give the longest plateaus") and c["verdict_plateau"].endswith("as Giglemiani et al. report.")
+    assert c["verdict_plateau_reference"].startswith("Under the reference rule too") and c["reference_full"] == "60 of 300"
+    res = _result(dict(real=30, random=8, baseline=12, structured=20, reconstruction=9), dict(real=10, random=30, baseline=15, structured=20,
+                  reconstruction=25), reference_longest="random")  # fmt: skip
+    c = perturb.chapter_claims(res, perturb.ordering(res.ks, res.plateaus, res.ms))
+    assert c["verdict_earliest"].startswith("Random targets give the earliest") and ", unlike Giglemiani et al." in c["verdict_earliest"]
+    assert c["verdict_latest"].startswith("Real targets give the latest") and ", unlike Giglemiani et al." in c["verdict_latest"]
+    assert "no closer to real ones" in c["verdict_structured"] and c["verdict_structured"].endswith("unlike in Giglemiani et al.")
+    assert c["n_held"] == "0 of 4" and c["verdict_plateau"].endswith("unlike Giglemiani et al., who find real activations' longest.")
+    assert c["verdict_plateau_reference"] == "Under the reference rule, real activations do not have the longest plateaus."
+    tie = _result(dict(real=10, random=10, baseline=10, structured=10, reconstruction=10), dict(real=20, random=20, baseline=20, structured=20,
+                  reconstruction=20), reference_longest="real")  # fmt: skip
+    c = perturb.chapter_claims(tie, perturb.ordering(tie.ks, tie.plateaus, tie.ms))
+    assert c["verdict_earliest"].startswith("Neither ") and c["verdict_earliest"].endswith("where Giglemiani et al. report real targets.")
+    assert c["verdict_plateau"].endswith("where Giglemiani et al. find real activations' longest.")
+
+
+def test_tokens_with_bos_and_the_unbatched_explained_variance(tiny_model):
+    from types import SimpleNamespace
+
+    from madlib.features.sae import explained_variance
+    from madlib.models.tokenizer import encode
+
+    texts = ["Name: Alice 1 + 2 = 3.", "Is it?"]
+    assert perturb.tokens_with_bos(tiny_model, texts) == encode(texts)  # a zoo model: the zoo's tokenizer, BOS first
+    hub_like = SimpleNamespace(to_tokens=lambda t, prepend_bos: torch.tensor([[50256 if prepend_bos else -1, len(t)]]))
+    assert perturb.tokens_with_bos(hub_like, texts) == [[50256, 22], [50256, 6]]  # BOS whatever the model's default
+    sae = tiny_sae(d_in=16, d_sae=64, k=4)
+    acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    ev = perturb.explained_variance_unbatched(sae, acts)
+    assert ev == explained_variance(sae, acts)  # on the CPU, one batch: the same number as madlib.features.sae's
+
+
+def test_subject_loads_the_model_and_trains_or_loads_its_sae(monkeypatch):
+    from types import SimpleNamespace
+
+    from madlib.features import sae as msae
+    from madlib.models import hub, zoo
+
+    calls = {}
+    model = SimpleNamespace(cfg=SimpleNamespace(device="cpu"), zoo_config="entry")
+    monkeypatch.setattr(hub, "load_model", lambda spec, preset="default": model)
+    monkeypatch.setattr(hub, "load_sae", lambda spec, sae_id, device=None: calls.setdefault("load_sae", (spec, sae_id, device)) and "SAE")
+    monkeypatch.setattr(hub, "sae_hook_name", lambda sae: "blocks.5.hook_resid_pre")
+    monkeypatch.setattr(zoo, "training_records", lambda entry: pd.DataFrame(dict(prompt=["a", "b", "a", "c", "d"])))
+    monkeypatch.setattr(zoo, "get_model", lambda name, preset="default": model)
+    monkeypatch.setattr(msae, "cached_sae", lambda m, hook, texts, cfg, name: calls.setdefault("sae", (hook, sorted(texts), cfg.d_sae, name)) and "trained")
+    try:  # the typed model record, where the loaders attach one
+        from madlib.models.info import ModelInfo, attach
+
+        attach(model, ModelInfo(zoo="entry"))
+    except ImportError:
+        pass
+    s = perturb.subject("org/gpt2", layer=2, sae_texts=3, sae_d_sae=32)
+    assert s.texts == ["a", "b", "c", "d"] and s.hook == "blocks.2.hook_resid_pre" and s.label == hub.model_label("org/gpt2")
+    assert calls["sae"][0] == "blocks.2.hook_resid_pre" and len(calls["sae"][1]) == 3 and calls["sae"][2:] == (32, f"perturb-sae-{s.label}")
+    s = perturb.subject("org/gpt2", sae="release", sae_id="L5")
+    assert s.hook == "blocks.5.hook_resid_pre" and calls["load_sae"] == ("release", "L5", "cpu")

@@ -8,6 +8,7 @@ import torch
 from scipy import stats
 
 from madlib.analyses import quirkiness as qk
+from madlib.plots import quirkiness as qk_plots
 
 matplotlib.use("Agg")
 
@@ -285,12 +286,12 @@ def test_figures_on_constructed_tables():
     sep = pts.assign(layer=1)
     fit = qk.fit_logistic(sep["hidden_ratio"], sep["auroc"])
     figs = [
-        qk.log_odds_figure(ex, "own"),
-        qk.log_odds_figure(ex, "opposing"),
-        qk.loss_figure(quirk, "opposing"),
-        qk.quirkiness_auroc_figure(pts, qk.correlation_ci(pts["quirkiness"], pts["auroc"], n_boot=20)),
-        qk.ratio_auroc_figure(sep, fit, qk.logistic_outliers(sep, fit, min_residual=0.0)),
-        qk.ratio_scatter_figure(
+        qk_plots.log_odds_figure(ex, "own"),
+        qk_plots.log_odds_figure(ex, "opposing"),
+        qk_plots.loss_figure(quirk, "opposing"),
+        qk_plots.quirkiness_auroc_figure(pts, qk.correlation_ci(pts["quirkiness"], pts["auroc"], n_boot=20)),
+        qk_plots.ratio_auroc_figure(sep, fit, qk.logistic_outliers(sep, fit, min_residual=0.0)),
+        qk_plots.ratio_scatter_figure(
             pts, "hidden_ratio", "auroc", qk.linear_fit(pts["hidden_ratio"], pts["auroc"]), "x", "y", "t"
         ),
     ]
@@ -300,13 +301,13 @@ def test_figures_on_constructed_tables():
     # the whole zoo over three fine-tuning seeds is twelve models: each gets a style, none is dropped
     many = pd.concat([pts.assign(model=f"{m}@{i}") for i in range(6) for m in pts["model"].unique()], ignore_index=True)
     assert many["model"].nunique() > 10
-    f_many = qk.quirkiness_auroc_figure(many, qk.correlation_ci(many["quirkiness"], many["auroc"], n_boot=20))
+    f_many = qk_plots.quirkiness_auroc_figure(many, qk.correlation_ci(many["quirkiness"], many["auroc"], n_boot=20))
     assert sum(len(c.get_offsets()) for c in f_many.axes[0].collections if hasattr(c, "get_offsets")) >= len(many)
     figs.append(f_many)
 
     assert min(displayed_text_px(f) for f in figs) >= 9, "every text legible at the book's column width"
     with pytest.raises(ValueError, match="which='both'"):
-        qk.loss_figure(quirk, "both")
+        qk_plots.loss_figure(quirk, "both")
     matplotlib.pyplot.close("all")
 
 
@@ -334,3 +335,107 @@ def test_analyse_on_a_tiny_model(tiny_model):
     assert len(pts) == 3 and pts["hidden_ratio"].notna().all()
     with pytest.raises(ValueError, match="detector='lof'"):
         qk.points_table(res, "lof")
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter's statements (madlib.analyses.quirkiness, glued by notebooks/quirkiness.ipynb)
+
+
+def _cells(q, auroc, confidence) -> pd.DataFrame:
+    """Model x dataset points with given quirkiness, AUROC and confidence (two models, three datasets each)."""
+    n = len(q)
+    return pd.DataFrame(dict(model=["m1", "m2"] * (n // 2), dataset=[f"d{i // 2}" for i in range(n)], quirkiness=q, auroc=auroc,
+                             hidden_ratio=np.linspace(0.01, 0.3, n), confidence=confidence, confidently_wrong=np.linspace(0, 0.5, n),
+                             truth_bias=np.linspace(-1, 2, n)))  # fmt: skip
+
+
+def test_confidence_and_auroc_claims_hold_or_do_not():
+    q = np.linspace(-1, 3, 12)
+    holds = _cells(q, auroc=0.5 + 0.12 * q + 0.001 * np.arange(12) ** 2, confidence=1 + q)
+    c = qk.confidence_claims(holds, holds, n_boot=200)
+    assert c["verdict_conf"] == qk.CONFIDENCE_VERDICTS[1] and c["corr_conf"].startswith("r = 1.00")
+    assert c["least_confident"].startswith("m1 on d0 (mean |log-odds| 0.00") and c["truth_bias_cells"] == "8 of 12"
+    corr = qk.auroc_correlations({"mahalanobis": holds}, ["mahalanobis"], n_boot=200)
+    a = qk.auroc_claims(holds, corr, n_boot=200)
+    assert a["verdict_q_auc"] == qk.Q_AUROC_VERDICTS[1] and a["corr_q_auc"].startswith("mahalanobis: r = ")
+    assert a["corr_q_auc_models"].startswith("m1 r = ") and "; m2 r = " in a["corr_q_auc_models"]
+    reversed_ = _cells(q, auroc=0.85 - 0.1 * q, confidence=5 - q)
+    c = qk.confidence_claims(reversed_, reversed_, n_boot=200)
+    assert c["verdict_conf"] == qk.CONFIDENCE_VERDICTS[-1]
+    a = qk.auroc_claims(reversed_, qk.auroc_correlations({"d": reversed_}, ["d"], n_boot=200), n_boot=200)
+    assert a["verdict_q_auc"] == qk.Q_AUROC_VERDICTS[-1]
+    # the exceptions: detected without quirkiness (Q <= 0, AUROC >= 0.9) and quirky but barely detected
+    assert a["no_quirk_high_auc"] == "m1 on d0 (Q -1.00, AUROC 0.950); m2 on d0 (Q -0.64, AUROC 0.914)"
+    assert a["quirk_low_auc"] == "m1 on d5 (Q 2.64, AUROC 0.586); m2 on d5 (Q 3.00, AUROC 0.550)"
+    flat = _cells(np.array([1.0, 0.5] * 6), auroc=np.array([0.55, 0.7] * 6), confidence=np.ones(12))
+    a = qk.auroc_claims(flat, {}, n_boot=50)
+    assert a["quirk_low_auc"].count("AUROC 0.550") == 6 and a["auc_qneg"] == "no cell" and a["auc_qpos"] == "0.625 over 12 cells"
+    with pytest.raises(ValueError, match="conf is empty"):
+        qk.confidence_claims(holds.iloc[:0], holds)
+
+
+def test_loss_and_sign_claims_count_against_ln2():
+    quirk = pd.DataFrame([dict(model=m, dataset=d, character=c, label_source=s, mean_loss=loss, quirkiness=q)
+                          for m, d, q, own_loss in (("m", "x", 1.0, 0.2), ("m", "y", -0.4, 0.9))
+                          for c in ("alice", "bob") for s in ("alice", "bob")
+                          for loss in [own_loss if c == s else 1.5]])  # fmt: skip
+    c = qk.loss_claims(quirk)
+    assert c["own_below_ln2"] == "2 of 4" and c["own_above_list"] == "m: y (Alice and Bob)" and c["opp_above_ln2"] == "4 of 4"
+    assert c["own_loss_by_model"] == "m 0.550" and c["alice_on_bob_by_model"] == "m 1.500"
+    grid = qk.quirkiness_grid(quirk, ["y", "x", "z"], ["m"])
+    assert list(grid.index) == ["y", "x", "z"] and grid.loc["x", "m"] == 1.0 and np.isnan(grid.loc["z", "m"])
+    s = qk.sign_claims(quirk, grid)
+    assert s == dict(negative_q="m on y (-0.40)", positive_q="1 of 3")
+    c = qk.loss_claims(quirk.assign(mean_loss=0.1))
+    assert c["own_above_list"] == "no cell" and c["opp_above_ln2"] == "0 of 4"
+
+
+def test_logit_and_ratio_claims_name_their_strength_and_direction():
+    assert [qk.r2_strength(r) for r in (0.0, 0.249, 0.25, 0.49, 0.5, 1.0)] == ["weak", "weak", "moderate", "moderate", "strong", "strong"]
+    rng = np.random.default_rng(0)
+    pts = _points().assign(logit_total_var=lambda d: 2 * d["hidden_ratio"], logit_between_var=rng.uniform(size=6))
+    sep = pd.concat([pts.assign(layer=layer, logit_ratio=pts["hidden_ratio"] * layer) for layer in (1, 2)], ignore_index=True)
+    fits = qk.logit_fits(sep, pts)
+    assert set(fits) == set(qk.LOGIT_COMPARISONS) and fits["fig11"]["r2"] == pytest.approx(1.0)
+    c = qk.logit_claims(sep, pts, fits, n_boot=50)
+    assert c["verdict_fig11"] == "strong (R² 1.00)" and c["r2_fig11"] == "1.00" and c["rho_fig11"].startswith("ρ = 1.00")
+    r = qk.ratio_claims(pts, qk.variant_pairs(pts), n_boot=200)
+    assert r["verdict_ratio_auc"] in qk.RATIO_AUROC_VERDICTS.values() and r["corr_ratio_auc"].startswith("r = ")
+    assert r["pairs_text"].startswith("In 2 of 2 (variant, dataset) pairs the variant is less quirky than its model; in 2 of those")
+    up = pd.DataFrame(dict(model="m", dataset=[f"d{i}" for i in range(8)], hidden_ratio=np.linspace(0, 1, 8), auroc=np.linspace(0.5, 1, 8) ** 2))
+    assert qk.ratio_claims(up, up.iloc[:0], n_boot=200)["verdict_ratio_auc"] == "goes with higher AUROC"
+    down = up.assign(auroc=up["auroc"].to_numpy()[::-1])
+    c = qk.ratio_claims(down, up.iloc[:0], n_boot=200)
+    assert c["verdict_ratio_auc"] == "goes with lower AUROC" and c["pairs_text"].startswith("This run has no less-trained variants")
+    no_less = qk.variant_pairs(_points()).assign(d_quirkiness=1.0)
+    assert qk.ratio_claims(up, no_less, n_boot=50)["pairs_text"] == "No variant is less quirky than its model on any of the 2 datasets compared."
+
+
+def test_chapter_points_setup_claims_and_s_curve(tiny_model):
+    cfg = qk.QuirkConfig(models=["tiny"], datasets=["addition", "hemisphere", "population"], layers=[1, 2], max_test=60, n_boot=20,
+                         batch_size=64, detectors=["mahalanobis"])  # fmt: skip
+    res = qk.analyse({"tiny": tiny_model}, cfg, progress=False)
+    conf, points, pts = qk.chapter_points(res, cfg)
+    assert list(points) == ["mahalanobis"] and len(pts) == len(conf) == 3 and {"confidence", "truth_bias", "auroc"} <= set(pts.columns)
+    c = qk.setup_claims(res, pts, cfg)
+    assert c["n_points"] == 3 and c["sep_detector"] == "mahalanobis" and c["model_list"] == "tiny" and " to " in c["n_disagree"]
+    sep = res.separation.assign(hidden_ratio=lambda d: d["hidden_ratio"].clip(lower=1e-6))
+    fit, outliers, bins = qk.s_curve(sep)
+    assert isinstance(fit, qk.LogisticFit) and len(bins) == 3 and outliers["residual"].abs().ge(0.1).all()
+
+
+def test_logit_figures_are_the_ratio_scatters_of_figs_10_to_12():
+    from madlib.plots.common import displayed_text_px
+
+    pts = _points().assign(logit_total_var=lambda d: 2 * d["hidden_ratio"], logit_between_var=lambda d: d["hidden_ratio"] ** 2)
+    sep = pd.concat([pts.assign(layer=layer, logit_ratio=pts["hidden_ratio"] * layer) for layer in (1, 2)], ignore_index=True)
+    fits = qk.logit_fits(sep, pts)
+    figs = [qk_plots.logit_figure(key, sep, pts, fits) for key in qk.LOGIT_COMPARISONS]
+    try:
+        assert [f.axes[0].get_title() for f in figs] == [v[2] for v in qk_plots.LOGIT_LABELS.values()]
+        assert len(figs[0].axes[0].collections[0].get_offsets()) == 4  # fig 10: per layer, a model's points in one colour
+        assert min(displayed_text_px(f) for f in figs) >= 9
+        with pytest.raises(ValueError, match="key='fig13'"):
+            qk_plots.logit_figure("fig13", sep, pts, fits)
+    finally:
+        matplotlib.pyplot.close("all")

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from madlib.models import zoo
-from madlib.detectors import make_detector
+from madlib.detectors import SAEDiagMahalanobis, SAENewLatents, make_detector
 from madlib.mad.metrics import auroc
-from madlib.features.sae import SAEConfig, SAEDiagMahalanobis, SAENewLatents, cached_sae, collect_activations, encode_latents, explained_variance, load_sae, reconstruction_metrics, sample_texts, save_sae, token_counts, train_sae
+from madlib.models.hooks import hook_layer
+from madlib.features.sae import SAEConfig, cached_sae, collect_activations, encode_latents, explained_variance, load_saved_sae, reconstruction_metrics, sae_record, sample_texts, save_sae, token_counts, train_sae
 
 CFG = SAEConfig(d_sae=64, k=4, training_tokens=256 * 150, batch_size=256, lr=1e-2, dead_feature_window=30)
 HOOK = "blocks.1.hook_resid_pre"
@@ -57,13 +58,13 @@ def test_save_load_round_trip_is_readable_by_sae_lens(planted_sae, tmp_path):
     x, _, sae = planted_sae
     save_sae(sae, tmp_path / "sae", CFG)
     plain = SAE.load_from_disk(tmp_path / "sae")
-    mine = load_sae(tmp_path / "sae")
+    mine = load_saved_sae(tmp_path / "sae")
     for loaded in (plain, mine):
         assert type(loaded).__name__ == "TopKSAE" and loaded.cfg.k == CFG.k
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in sae.state_dict().items())
         assert torch.equal(encode_latents(loaded, x[:100]), encode_latents(sae, x[:100]))
-    assert mine.madlib_config == CFG and mine.madlib_meta["seed"] == CFG.seed
-    assert mine.madlib_meta["hook_name"] == "planted"
+    assert sae_record(mine).config == CFG and sae_record(mine).seed == CFG.seed
+    assert sae_record(mine).hook_name == "planted"
 
 
 def test_collect_activations_every_real_token_but_bos(tiny_model):
@@ -77,6 +78,12 @@ def test_collect_activations_every_real_token_but_bos(tiny_model):
         assert torch.allclose(acts[start : start + c], cache[HOOK][0, 1:], atol=1e-5)
         start += c
     assert torch.allclose(collect_activations(tiny_model, texts, HOOK, batch_size=3, progress=False), acts, atol=1e-5)
+
+
+def test_hook_layer_names_the_block_of_a_hook():
+    assert hook_layer("blocks.3.hook_resid_pre") == 3 and hook_layer("blocks.12.attn.hook_z") == 12
+    assert hook_layer("hook_embed") is None and hook_layer("ln_final.hook_normalized") is None
+    assert hook_layer("blocks.x.hook_resid_pre") is None
 
 
 def zoo_tokens(text):
@@ -131,13 +138,13 @@ def test_cached_sae_reuses_the_cache(tiny_model):
     texts = zoo.model_records(tiny_model, "hemisphere")["prompt"].head(40).tolist()
     cfg = SAEConfig(d_sae=32, k=4, training_tokens=64 * 6, batch_size=64, lr=1e-3)
     a = cached_sae(tiny_model, HOOK, texts, cfg, "tiny-sae", progress=False)
-    mtime = (a.sae_dir / "sae_weights.safetensors").stat().st_mtime_ns
+    mtime = (sae_record(a).path / "sae_weights.safetensors").stat().st_mtime_ns
     b = cached_sae(tiny_model, HOOK, texts, cfg, "tiny-sae", progress=False)
-    assert b.sae_dir == a.sae_dir and (b.sae_dir / "sae_weights.safetensors").stat().st_mtime_ns == mtime
+    assert sae_record(b).path == sae_record(a).path and (sae_record(b).path / "sae_weights.safetensors").stat().st_mtime_ns == mtime
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    assert b.madlib_config == cfg and b.madlib_meta["n_tokens"] == token_counts(texts).sum()
+    assert sae_record(b).config == cfg and sae_record(b).n_tokens == token_counts(texts).sum()
     c = cached_sae(tiny_model, HOOK, texts, SAEConfig(**{**cfg.__dict__, "seed": 1}), "tiny-sae", progress=False)
-    assert c.sae_dir != a.sae_dir
+    assert sae_record(c).path != sae_record(a).path
 
 
 def test_sae_detectors_flag_planted_anomalies():

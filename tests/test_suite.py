@@ -1,15 +1,19 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from madlib.detectors import FeatureSource, Mahalanobis
 from madlib.mad import suite
 from madlib.models import zoo
+from madlib.models.info import info_of, zoo_info
 
 
 def test_best_layer_is_chosen_on_one_half_and_reported_on_the_other():
     rng = np.random.default_rng(0)
     y = np.repeat([False, True], 200)
-    select = suite._split_halves(y, seed=0)
+    select = suite.selection_half(y, seed=0)
     assert select.sum() == 200 and y[select].sum() == 100, "a stratified half"
     good = y + rng.normal(0, 0.5, len(y))
     # layer 3 separates only on the selection half: chosen there, but its reported AUROC is near chance
@@ -24,6 +28,9 @@ def test_best_layer_is_chosen_on_one_half_and_reported_on_the_other():
 def test_methods_cover_every_feature_source_and_bad_names_are_named():
     table = suite.methods()
     assert {m.features for m in table.values()} == {"activations", *suite.SAE_SOURCES, "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift", "prompts"}
+    assert all(isinstance(m.features, FeatureSource) for m in table.values()) and set(FeatureSource) == {m.features for m in table.values()}
+    assert table["atp_pcs_lof"].features is FeatureSource.ATP_PCS and table["atp_pcs_lof"].detector == "lof"
+    assert table["finetune_kl"].features is FeatureSource.PROMPTS and not FeatureSource.PROMPTS.layered
     assert set(suite.DEFAULT_METHODS) <= set(table) and table["probe_skyline"].skyline
     assert [m.name for m in suite.resolve_methods([])] == list(suite.DEFAULT_METHODS)
     with pytest.raises(ValueError, match="methods='mahalanobiss'"):
@@ -52,27 +59,37 @@ def test_run_suite_on_the_tiny_model(tiny_model):
     assert r.loc[["1", "2", "aggregated", "best"], "recall_fpr5"].between(0, 1).all() and r.loc["mean", "recall_fpr5"] != r.loc["mean", "recall_fpr5"]
     assert (r.loc[["1", "2", "aggregated"], "recall_fpr1"] <= r.loc[["1", "2", "aggregated"], "recall_fpr5"]).all()
     assert kl["recall_fpr5"].isna().all(), "finetune_kl has no held-out trusted scores"
+    # the settings each method ran with: a JSON column after the columns the table always had, and a table of its own
+    assert list(auc.columns[-3:]) == ["seed", "config", "detector_config"] and list(auc.columns[:6]) == [
+        "model", "task", "dataset", "method", "feature_source", "skyline"]
+    assert (auc.groupby("method")["detector_config"].nunique() == 1).all()
+    settings = suite.detector_settings(auc)
+    assert list(settings.columns) == ["model", "task", "dataset", "method", "feature_source", "detector", "detector_config", "config"]
+    assert list(settings["method"]) == chosen and list(settings["detector"]) == ["mahalanobis", "mahalanobis", "finetune_kl", "probe_skyline"]
+    maha_cfg = json.loads(settings.loc[0, "detector_config"])
+    assert maha_cfg == {"detector": "mahalanobis", "seed": 0, "config": Mahalanobis().config.to_dict()}
+    kl_cfg = json.loads(settings.loc[2, "detector_config"])["config"]
+    assert kl_cfg["cfg"]["steps"] == 5 and kl_cfg["cfg"]["batch_size"] == 8 and kl_cfg["over"] == "answers"
+    assert list(settings["feature_source"]) == ["activations", "atp_mean", "prompts", "activations"]
 
 
 def test_sae_controls_are_methods_and_share_latents_as_measured(tiny_model):
     from madlib.models import zoo
     from madlib.features.sae import shared_latents
-    from madlib.mad.suite import SAE_SOURCES, random_init, sae_controls
+    from madlib.mad.suite import SAE_SOURCES, layer_saes, random_init, sae_controls
 
     table = suite.methods()
     assert table["sae_seed2_diag_mahalanobis"].features == "sae_seed2" and table["sae_random_new_latents"].detector == "sae_new_latents"
     rnd = random_init(tiny_model, seed=1)
-    assert rnd.zoo_config == tiny_model.zoo_config and not hasattr(rnd, "model_dir")
+    assert zoo_info(rnd) == zoo_info(tiny_model) and info_of(rnd).model_dir is None
     assert all(not torch.equal(a, b) for (k, a), (_, b) in zip(tiny_model.state_dict().items(), rnd.state_dict().items())
                if k.endswith(".W_Q"))  # fmt: skip
     assert torch.equal(random_init(tiny_model, seed=1).W_Q, rnd.W_Q), "seeded"
     cfg = suite.SuiteConfig(sae_d_sae=32, sae_k=4, sae_training_tokens=8192)
-    records = zoo.training_records(tiny_model.zoo_config)
+    records = zoo.training_records(zoo_info(tiny_model))
     t = sae_controls(tiny_model, "tiny", records, [1, 2], cfg, progress=False)
     assert list(t["layer"]) == [1, 2] and t[["shared_with_seed2", "shared_with_random"]].stack().between(0, 1).all()
-    from madlib.mad.suite import _saes
-
-    a, b = (_saes(tiny_model, "tiny", records, [1], cfg, False, c)[1] for c in ("", "seed2"))
+    a, b = (layer_saes(tiny_model, "tiny", records, [1], cfg, False, c)[1] for c in ("", "seed2"))
     assert t.loc[0, "shared_with_seed2"] == shared_latents(a, b)
     assert shared_latents(a, a) == 1.0
     assert set(SAE_SOURCES) == {"sae", "sae_seed2", "sae_random"}

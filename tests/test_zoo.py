@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from madlib.models import pretrain as base, quirky, zoo
+from madlib.models import pretrain as base, quirky, training, zoo
+from madlib.models.info import info_of, zoo_info
 from madlib.models.tokenizer import answer_ids, build_tokenizer, encode
 
 
@@ -36,7 +37,7 @@ def test_final_resid_is_the_hooked_forward_pass_values_and_gradients(name):
     tokens = torch.randint(3, 600, (6, 17))
     tokens[:3, 11:] = 0  # right padding
     reference = model(tokens, return_type="logits")
-    fast = zoo.final_resid(model, tokens) @ model.W_U + model.b_U
+    fast = training.final_resid(model, tokens) @ model.W_U + model.b_U
     assert torch.allclose(fast, reference, atol=1e-4), (fast - reference).abs().max()
     grads = []
     for logits in (reference, fast):
@@ -56,7 +57,7 @@ def test_content_spans_cover_context_and_statement_only():
         df = data.quirky_dataset(ds, n=6, seed=3, n_templates=1)
         ids, offsets = encode(df["prompt"].tolist(), tok, offsets=True)
         assert ids == encode(df["prompt"].tolist(), tok)
-        spans = zoo.content_spans(df["prompt"].tolist(), df["character"].tolist(), offsets)
+        spans = training.content_spans(df["prompt"].tolist(), df["character"].tolist(), offsets)
         for (lo, hi), row, seq in zip(spans.tolist(), df.itertuples(), ids):
             inside, before, after = tok.decode(seq[lo:hi]), tok.decode(seq[1:lo]), tok.decode(seq[hi:])
             assert inside.endswith(f"***STATEMENT:*** {row.statement}") and row.context in inside
@@ -82,13 +83,13 @@ def test_config_validation_names_the_parameter():
 
 
 def test_base_and_fine_tunes_load_by_name(tiny_model):
-    info = tiny_model.zoo_config
+    info = zoo_info(tiny_model)
     assert info.dataset is None and info.family == "gpt2" and tiny_model.cfg.model_name == "zoo-gpt2"
-    assert (tiny_model.model_dir / "config.json").is_file() and len(zoo.history(tiny_model)) >= 1
+    assert (info_of(tiny_model).model_dir / "config.json").is_file() and len(zoo.history(tiny_model)) >= 1
     ft = zoo.get_model("zoo-gpt2", preset="tiny", dataset="hemisphere")
     early = zoo.get_model("zoo-gpt2-early", preset="tiny", dataset="hemisphere")
     other_seed = zoo.get_model("zoo-gpt2", preset="tiny", dataset="hemisphere", seed=1)
-    assert ft.zoo_config.dataset == "hemisphere" and early.zoo_config.checkpoint == "early"
+    assert zoo_info(ft).dataset == "hemisphere" and zoo_info(early).checkpoint == "early"
     w = lambda m: m.blocks[0].attn.W_Q.detach()  # noqa: E731
     assert not torch.allclose(w(ft), w(tiny_model)) and not torch.allclose(w(ft), w(early))
     assert not torch.allclose(w(ft), w(other_seed))
@@ -110,7 +111,7 @@ def test_model_records_have_fit_dev_and_test_parts(tiny_model):
     assert set(recs["part"]) == {"fit", "dev", "test"}
     assert ((recs["part"] == "test") == (recs["split"] == "validation")).all()
     assert not set(recs.loc[recs["part"] == "dev", "key"]) & set(recs.loc[recs["part"] == "fit", "key"])
-    allrecs = zoo.training_records(tiny_model.zoo_config)
+    allrecs = zoo.training_records(zoo_info(tiny_model))
     assert set(allrecs["dataset"]) == set(base.base_config("gpt2", "tiny").datasets)
 
 

@@ -3,7 +3,7 @@
 1. **Extraction overhead**: :func:`madlib.features.activations.extract` (hooks at every layer, gathering the
    last token, log-odds) against a bare forward pass of the same model on the same prompts, tokenized
    and padded into the same batches.
-2. **Mahalanobis**: :class:`madlib.detectors.base.Mahalanobis` fit + score on ``n x d`` Gaussian
+2. **Mahalanobis**: :class:`madlib.detectors.Mahalanobis` fit + score on ``n x d`` Gaussian
    features against sklearn's ``EmpiricalCovariance`` + ``mahalanobis`` (largest absolute
    difference of the scores, after putting both on the same scale, and the speed ratio).
 3. **Peak memory** of the full detector suite (:data:`madlib.mad.suite.DEFAULT_METHODS`) on one zoo
@@ -50,8 +50,9 @@ def paired_times(baseline, candidate, rounds: int) -> tuple[float, float, float]
 
 @torch.no_grad()
 def extraction_overhead(model, prompts: list[str], batch_size: int, repeats: int) -> dict:
-    from ..features.activations import encode_prompts, extract
-    from ..models.zoo import pad_batch
+    from ..features.activations import extract
+    from ..models.tokenizer import encode_prompts
+    from ..models.tokenizer import pad_batch
 
     layers = list(range(model.cfg.n_layers + 1))
 
@@ -122,3 +123,25 @@ def run(model: str = "zoo-gpt2", preset: str = "default", dataset: str = "hemisp
         suite_peak_memory(model, dataset, preset),
     ]
     return pd.DataFrame(rows).assign(torch_threads=torch.get_num_threads())
+
+
+def claims(table: pd.DataFrame) -> dict[str, object]:
+    """The appendix's numbers in words, by glue key, from :func:`run`'s table: the extraction's
+    overhead, its size and times; the Mahalanobis comparison's size, speed-up, times and largest
+    relative difference; the suite's peak memory and run; and torch's thread count."""
+    missing = {"extraction", "mahalanobis", "suite_peak_memory"} - set(table["benchmark"])
+    if missing:
+        raise ValueError(f"table lacks the benchmarks {sorted(missing)}; give the table of benchmarks.run")
+    ex, ma, mem = (table[table["benchmark"] == b].iloc[0] for b in ("extraction", "mahalanobis", "suite_peak_memory"))
+    return dict(
+        ex_overhead=f"{100 * ex['overhead']:.1f}%",
+        ex_n=f"{int(ex['n']):,} prompts at {int(ex['layers'])} layers",
+        ex_times=f"{ex['madlib_s']:.2f} s against {ex['bare_s']:.2f} s",
+        ma_size=f"{int(ma['n']):,} × {int(ma['d'])}",
+        ma_speedup=f"{ma['speedup']:.2f}×",
+        ma_times=f"{ma['madlib_s']:.2f} s against {ma['sklearn_s']:.2f} s",
+        ma_diff=f"{ma['max_rel_diff']:.1e}",
+        mem_peak=f"{mem['peak_rss_mb']:,.0f} MB",
+        mem_run=f"{int(mem['methods'])} methods on {mem['model']} / {mem['dataset']}, {mem['seconds']:.0f} s",
+        threads=int(table["torch_threads"].iloc[0]),
+    )

@@ -19,6 +19,8 @@ activations, and larger ``k`` stay well defined.
 
 Tasks are named ``<dataset>`` (a zoo dataset, records as the base model was trained on them) or
 ``<dataset>-large`` (an arithmetic dataset with operands beyond the zoo's range: a new skill).
+
+The chapter's figures are in :mod:`madlib.plots.drift`; this module computes.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
+from ..models.info import require_zoo
 from ..models import zoo
 from ..features.activations import extract
 from ..models.finetune import FinetuneConfig, cached_finetune
-from ..plots.common import COLUMN_INCHES
 from ..features.sae import collect_activations, reconstruction_metrics
 
 LABELS = ("truth", "bob", "quirky", "none")
@@ -132,7 +134,7 @@ class DriftTask:
         """The task's records (both splits) for a zoo model."""
         if self.max_digits is None:
             return zoo.model_records(model, self.dataset)
-        cfg = model.zoo_config.base_config
+        cfg = require_zoo(model).base_config
         return qdata.quirky_dataset(self.dataset, n=cfg.n_rows, seed=cfg.data_seed + 1, max_digits=self.max_digits)
 
 
@@ -162,7 +164,7 @@ def eval_sets(base, tasks: list[DriftTask], n_eval: int, seed: int) -> dict[str,
     dataset the base model was trained on, keyed by dataset (``{GENERAL: {dataset: prompts}}``):
     each fine-tune's general set leaves its own task's dataset out (:func:`general_texts`) and
     still holds at least ``n_eval`` prompts."""
-    datasets = base.zoo_config.datasets
+    datasets = require_zoo(base).datasets
     if len(datasets) < 2 or n_eval < len(datasets) - 1:
         raise ValueError(f"n_eval={n_eval!r} is not accepted; give at least {len(datasets) - 1} (one prompt per other dataset)")
     out: dict = {}
@@ -380,79 +382,6 @@ def audit(table: pd.DataFrame, k: int) -> pd.DataFrame:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def plot_task_vs_general(table: pd.DataFrame, k: int):
-    """Intersection mean of each fine-tune on its task set and on the general set, at ``k``."""
-    import matplotlib.pyplot as plt
-
-    t = table[table["k"] == k]
-    own = t[t["is_task"]].set_index("task")["intersection_mean"]
-    gen = t[t["eval_set"] == GENERAL].set_index("task")["intersection_mean"]
-    tasks = list(own.index)
-    x = np.arange(len(tasks))
-    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 3.6))
-    ax.bar(x - 0.2, own[tasks], 0.4, label="task set S")
-    ax.bar(x + 0.2, gen[tasks], 0.4, label="general set G")
-    ax.axhline(k, color="grey", ls=":", lw=1, label=f"k = {k} (no drift)")
-    ax.set_xticks(x, tasks, rotation=20)
-    ax.set(ylabel=f"intersection mean (top-{k} latents)", ylim=(0, k * 1.3))
-    ax.set_title("Overlap of top-k SAE latents, base vs fine-tuned", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_k_ablation(table: pd.DataFrame):
-    """The three candidate rates (task set against general set) as functions of k, one line per fine-tune."""
-    import matplotlib.pyplot as plt
-
-    t = table[table["is_task"]].sort_values("k")
-    fig, axes = plt.subplots(len(RATES), 1, figsize=(COLUMN_INCHES, 2.5 * len(RATES) + 0.4), sharex=True, squeeze=False)
-    axes = axes[:, 0]
-    for ax, rate in zip(axes, RATES):
-        for task, g in t.groupby("task", sort=False):
-            ax.plot(g["k"], g[rate], marker="o", ms=3, label=task)
-        ax.axhline(0, color="grey", lw=1, ls=":")
-        ax.set_title(rate, fontsize=10)
-        ax.set(ylabel="rate (S vs G)")
-    axes[-1].set_xlabel("k (top-k latents per token)")
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def plot_drift_matrix(table: pd.DataFrame, k: int):
-    """Fine-tunes (rows) × candidate sets (columns) under each audit signal, the true task framed."""
-    import matplotlib.pyplot as plt
-
-    t = table[(table["k"] == k) & (table["eval_set"] != GENERAL)]
-    rows = list(dict.fromkeys(t["task"]))
-    cols = list(dict.fromkeys(t["eval_set"]))
-    fig, axes = plt.subplots(len(SIGNALS), 1, figsize=(COLUMN_INCHES, (0.42 * len(rows) + 1.9) * len(SIGNALS)), squeeze=False)
-    axes = axes[:, 0]
-    for ax, (signal, (col, lower)) in zip(axes, SIGNALS.items()):
-        m = t.pivot(index="task", columns="eval_set", values=col).loc[rows, cols].to_numpy()
-        ax.imshow(m, cmap="viridis_r" if lower else "viridis", aspect="auto")
-        bright = (m - m.min()) / (np.ptp(m) or 1.0)
-        bright = 1 - bright if lower else bright  # viridis is bright at its top
-        for i in range(len(rows)):
-            for j in range(len(cols)):
-                colour = "k" if bright[i, j] > 0.6 else "w"
-                ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", fontsize=8, color=colour)
-            if rows[i] in cols:
-                j = cols.index(rows[i])
-                ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, ec="red", lw=2))
-        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-        ax.set_yticks(range(len(rows)), rows)
-        ax.set_title(f"{signal} ({'lower' if lower else 'higher'} = more drift)", fontsize=10)
-        ax.set(xlabel="candidate set", ylabel="fine-tuned on")
-    fig.tight_layout()
-    return fig
-
-
 ABLATION_FALLS_RHO = -0.5
 """Spearman correlation of the mean candidate rate with k below which the rate "falls with k"."""
 RECON_KEPT = 0.9
@@ -512,4 +441,183 @@ def chapter_claims(table: pd.DataFrame, summary: pd.DataFrame, audit: pd.DataFra
            "still fits the fine-tuned models." if kept else
            f"; the spliced reconstruction loses more than {1 - RECON_KEPT:.0%} of a score somewhere, so part of the drift may be "
            "reconstruction failure rather than changed features."))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapter (notebooks/drift.ipynb): the run, its tables and what it says about itself
+
+
+@dataclass
+class DriftRun:
+    """Everything the drift chapter's run builds (:func:`run_drift`): the base model and its name,
+    the SAE and its hook, the fine-tunes (models or loaders) by task, the evaluation sets, the drift
+    table (:func:`drift_table`, with the run's settings as columns) and the audit's rankings at every
+    k (:func:`audit`), and the wall time of its steps (``t_start``: ``time.perf_counter()`` when it
+    began)."""
+
+    base: object
+    base_name: str
+    is_zoo: bool
+    sae: object
+    hook: str
+    tasks: list[DriftTask]  # empty for external fine-tunes
+    fine_tunes: dict[str, object]
+    sets: dict
+    table: pd.DataFrame
+    audit: pd.DataFrame
+    t_start: float
+    sae_seconds: float
+    ft_seconds: float
+    table_seconds: float
+
+
+def base_name_of(model: str, zoo_preset: str, is_zoo: bool) -> str:
+    """The name the drift tables give the base model ``model`` (a zoo name, a saved zoo model's
+    directory, or a hub id or directory)."""
+    from pathlib import Path
+
+    from ..models import hub
+
+    if hub.is_zoo_dir(model):
+        return Path(model).name.rsplit("-", 1)[0]
+    if is_zoo:
+        return model if zoo_preset == "default" else f"{model}-{zoo_preset}"
+    return hub.model_label(model)
+
+
+def run_drift(
+    *, model: str, finetuned: dict, task_prompts: dict, sae: str, sae_id: str, max_tokens: int, zoo_preset: str, layer: int,
+    tasks: list[str], large_digits: float, finetune_labels: str, finetune_steps: int, finetune_batch_size: int, finetune_lr: float,
+    n_finetune: int, sae_d_sae: int, sae_k: int, sae_training_tokens: int, sae_batch_size: int, sae_lr: float, n_sae_texts: int,
+    n_eval: int, k: int, k_max: int, seed: int, batch_size: int,
+) -> DriftRun:  # fmt: skip
+    """The drift chapter's run, from its parameters (see the notebook's parameters cell): the base
+    model; the SAE (a pretrained one, or one trained on the base model's activations at ``layer``
+    on the train prompts of every zoo dataset); one fine-tune per task (or the external
+    ``finetuned`` ones, loaded one at a time) and the evaluation sets; the drift table at every k
+    from 1 to ``k_max``, and the audit at each k."""
+    import time
+
+    from ..features.activations import hook_name as resid_hook
+    from ..features.sae import SAEConfig, cached_sae
+    from ..models import hub
+
+    t_start = time.perf_counter()
+    is_zoo = model in zoo.ZOO or hub.is_zoo_dir(model)
+    if not is_zoo and not finetuned:
+        raise ValueError(f"finetuned={finetuned!r} is not accepted for model={model!r}: a model outside the zoo needs its "
+                         "fine-tunes as {task: hub id or directory}")  # fmt: skip
+    base = hub.load_model(model, preset=zoo_preset)
+    base_name = base_name_of(model, zoo_preset, is_zoo)
+    ks = list(range(1, k_max + 1))
+    if k not in ks:
+        raise ValueError(f"k={k!r} is not accepted; give a k in 1..k_max={k_max}")
+
+    # the SAE: a pretrained one, or one trained on base-model activations on the train prompts of every zoo dataset
+    t0 = time.perf_counter()
+    if sae:
+        sae_model = hub.load_sae(sae, sae_id or None, device=str(base.cfg.device))
+        hook = hub.sae_hook_name(sae_model)
+    elif is_zoo:
+        hook = resid_hook(layer, base.cfg.n_layers)
+        recs = zoo.training_records(require_zoo(base))
+        train = recs[recs["split"] == "train"].sample(frac=1.0, random_state=seed)
+        sae_texts = train.groupby("dataset", sort=False).head(n_sae_texts)["prompt"].tolist()
+        sae_cfg = SAEConfig(d_sae=sae_d_sae, k=sae_k, training_tokens=sae_training_tokens, batch_size=sae_batch_size, lr=sae_lr, seed=seed)
+        sae_model = cached_sae(base, hook, sae_texts, sae_cfg, f"{base_name}-sae-L{layer}")
+    else:
+        raise ValueError(f"sae={sae!r} is not accepted for model={model!r}: give a pretrained SAE (sae-lens release or directory)")
+    sae_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if finetuned:  # external fine-tunes, loaded one at a time; evaluation sets from files
+        task_list = []
+        fine_tunes = finetune_loaders(finetuned)
+        sets = text_sets(task_prompts, list(finetuned), n_eval, seed)
+    else:  # one fine-tuned copy of the zoo model per task
+        qdata.check_unique("tasks", tasks)
+        task_list = [DriftTask.parse(t, large_digits) for t in tasks]
+        ft_cfg = FinetuneConfig(steps=finetune_steps, batch_size=finetune_batch_size, lr=finetune_lr, seed=seed)
+        fine_tunes = finetune_tasks(base, base_name, task_list, ft_cfg, finetune_labels, n_finetune)
+        sets = eval_sets(base, task_list, n_eval, seed)
+    ft_seconds = time.perf_counter() - t0
+
+    # drift on every task set and on the general set, for every k
+    t0 = time.perf_counter()
+    table = drift_table(base, base_name, fine_tunes, sae_model, hook, sets, ks, batch_size=batch_size, max_tokens=max_tokens)
+    table_seconds = time.perf_counter() - t0
+    table = table.assign(layer=layer if not sae else None, hook=hook, sae_d_sae=sae_d_sae, sae_k=sae_k, finetune_steps=finetune_steps,
+                         finetune_labels=finetune_labels, seed=seed)  # fmt: skip
+    audits = pd.concat([audit(table, kk) for kk in ks], ignore_index=True).assign(seed=seed)
+    return DriftRun(base, base_name, is_zoo, sae_model, hook, task_list, fine_tunes, sets, table, audits, t_start, sae_seconds,
+                    ft_seconds, table_seconds)  # fmt: skip
+
+
+def behaviour_table(run: DriftRun, n_eval: int, seed: int = 0, batch_size: int = 128) -> pd.DataFrame:
+    """What each zoo fine-tune did to the answers: the mean loss of its last 20 steps, and
+    :func:`truth_accuracy` of the base model and of the fine-tune on the task's held-out prompts
+    (``base_*``, ``finetuned_*``). Empty for external fine-tunes (their tasks have no zoo records)."""
+    rows = []
+    for task in run.tasks:
+        recs_t = task.records(run.base)
+        before = truth_accuracy(run.base, recs_t, n=n_eval, seed=seed, batch_size=batch_size)
+        after = truth_accuracy(run.fine_tunes[task.name], recs_t, n=n_eval, seed=seed, batch_size=batch_size)
+        hist = zoo.history(run.fine_tunes[task.name])
+        rows.append(dict(task=task.name, final_loss=hist["loss"].tail(20).mean(),
+                         **{f"base_{k_}": v for k_, v in before.items()}, **{f"finetuned_{k_}": v for k_, v in after.items()}))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+RECON_COLUMNS = ("explained_variance", "kl_div_score", "ce_loss_score")
+"""The SAE's reconstruction metrics in the drift table (``recon_<metric>`` of the fine-tune,
+``recon_base_<metric>`` of the base model)."""
+
+
+def reconstruction_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """How well the SAE fits each model on each evaluation set: the base model (once per set) and
+    each fine-tune, indexed by ``model, eval_set``, one column per :data:`RECON_COLUMNS`."""
+    cols = list(RECON_COLUMNS)
+    t = table[table["k"] == k]
+    recon = pd.concat([
+        t.drop_duplicates("eval_set").assign(model="base").rename(columns={f"recon_base_{c}": c for c in cols}),
+        t.assign(model=t["task"].map(lambda s: f"fine-tuned on {s}")).rename(columns={f"recon_{c}": c for c in cols}),
+    ])[["model", "eval_set", *cols]]  # fmt: skip
+    return recon.set_index(["model", "eval_set"])
+
+
+def task_general_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Per fine-tune (rows): the intersection mean at ``k`` on its task set (S) and on the general
+    set (G), and the three candidate rates (:data:`RATES`)."""
+    own = table[(table["k"] == k) & table["is_task"]].set_index("task")
+    gen = table[(table["k"] == k) & (table["eval_set"] == GENERAL)].set_index("task")
+    return pd.DataFrame({"S (task set)": own["intersection_mean"], "G (general set)": gen["intersection_mean"],
+                         **{r: own[r] for r in RATES}})  # fmt: skip
+
+
+def audit_summary(audits: pd.DataFrame) -> pd.DataFrame:
+    """The audit's accuracy (share of fine-tunes whose true task is ranked first), mean rank of the
+    true task and number of fine-tunes, per signal and k (rankings of :func:`audit`)."""
+    return audits.groupby(["signal", "k"], sort=False).agg(accuracy=("hit", "mean"), mean_true_rank=("true_rank", "mean"),
+                                                            n_finetunes=("hit", "size")).reset_index()  # fmt: skip
+
+
+def run_claims(run: DriftRun, model: str, finetuned: dict, sae: str, sae_id: str) -> dict[str, object]:
+    """What the chapter says about the run itself, by glue key: the fine-tunes audited and the base
+    model, how many zoo datasets it knows, the wall time of its steps (``total_minutes`` up to this
+    call), and two sentences on the subjects and on the SAE."""
+    import time
+
+    out: dict[str, object] = dict(n_finetunes=len(run.tasks), base_name=run.base_name,
+                                  n_base_datasets=len(require_zoo(run.base).datasets) if run.is_zoo else len(qdata.DATASETS),
+                                  sae_minutes=run.sae_seconds / 60, ft_minutes=run.ft_seconds / 60,
+                                  total_minutes=(time.perf_counter() - run.t_start) / 60)  # fmt: skip
+    if finetuned:
+        specs = ", ".join(f"{t_} ({s_ if isinstance(s_, str) else ' + '.join(s_)})" for t_, s_ in finetuned.items())
+        out["subjects_note"] = (f"This run audits external fine-tunes of {model}: {specs}, on the evaluation sets "
+                                f"{', '.join(run.sets)} read from files. The paragraphs below on zoo fine-tunes describe the default book.")  # fmt: skip
+    else:
+        out["subjects_note"] = f"This run audits {len(run.tasks)} fine-tunes that madlib trains from the zoo model {run.base_name}."
+    out["sae_note"] = (f"This run's SAE is the pretrained {sae}" + (f" / {sae_id}" if sae_id else "") + f" at {run.hook}." if sae
+                       else f"This run's SAE was trained on the base model at {run.hook}.")  # fmt: skip
     return out

@@ -21,6 +21,8 @@ final-layer residual stays within a threshold of its start.
 All paths of all experiments go through the model together (:func:`run_paths`): the keys and
 values of each prompt's prefix are computed once, and every path point is a single new token run
 against that cache, many points per forward pass.
+
+The chapter's figures are in :mod:`madlib.plots.perturb`; this module computes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -39,18 +40,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.datasets import check_choice
-from ..plots.common import COLUMN_INCHES
+from ..models.hooks import hook_layer
+from ..models.info import require_zoo, zoo_info
 
 TARGET_TYPES: tuple[str, ...] = ("real", "random", "baseline", "structured", "reconstruction")
 MODES: tuple[str, ...] = ("absolute", "relative")
 METRICS: tuple[str, ...] = ("l2", "kl")
-COLORS = {
-    "real": "tab:orange",
-    "random": "tab:blue",
-    "baseline": "tab:purple",
-    "structured": "tab:green",
-    "reconstruction": "tab:gray",
-}
 _HOOK = re.compile(r"blocks\.(\d+)\.hook_\w+")
 
 
@@ -115,9 +110,17 @@ def _finite(value) -> bool:
 # Prompts and real activations
 
 
-def encode_texts(model, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text with BOS first: the zoo's tokenizer for zoo models, else the model's."""
-    if getattr(model, "zoo_config", None) is not None:
+def tokens_with_bos(model, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text with BOS first: the zoo's tokenizer for zoo models, else the model's.
+
+    Not the extraction's ``encode_texts`` (the tokenization of every other analysis): for a zoo
+    model both give :func:`madlib.models.tokenizer.encode`'s ids, but for any other model this one
+    always prepends BOS (``to_tokens(prepend_bos=True)``, whatever the model's
+    ``default_prepend_bos``: the perturbation never touches position 0, see
+    :attr:`PerturbConfig.min_tokens`) and cuts a text longer than the context to it, where
+    ``encode_texts`` follows the model's default and rejects such a text; the prefixes, and so the
+    numbers, of a run on such a model would change with it."""
+    if zoo_info(model) is not None:
         from ..models.tokenizer import encode
 
         return encode(list(texts))
@@ -134,16 +137,15 @@ def sample_prefixes(tokens: list[list[int]], n: int, min_tokens: int, rng: np.ra
     return [tokens[i][: int(rng.integers(min_tokens, len(tokens[i]) + 1))] for i in pick]
 
 
-def _stop_layer(hook_name: str) -> int:
-    return int(_HOOK.fullmatch(hook_name).group(1)) + 1
-
-
 @torch.no_grad()
 def last_activations(
     model, prefixes: list[list[int]], hook_name: str, batch_size: int = 256
 ) -> Float[Tensor, "n d_model"]:
     """Activation at ``hook_name`` at the last token of each prefix (right-padded batches of similar
     lengths: causal attention makes the padding irrelevant to every real position)."""
+    block = hook_layer(hook_name)
+    if block is None:
+        raise ValueError(f"hook_name={hook_name!r} is not accepted; give a hook inside a block, such as 'blocks.1.hook_resid_pre'")
     order = np.argsort([len(p) for p in prefixes], kind="stable")
     out = torch.zeros(len(prefixes), model.cfg.d_model)
     for start in range(0, len(prefixes), batch_size):
@@ -158,7 +160,7 @@ def last_activations(
             store["a"] = act[torch.arange(len(last)), last].float().cpu()
 
         model.run_with_hooks(
-            tokens.to(model.cfg.device), stop_at_layer=_stop_layer(hook_name), fwd_hooks=[(hook_name, grab)]
+            tokens.to(model.cfg.device), stop_at_layer=block + 1, fwd_hooks=[(hook_name, grab)]
         )
         out[torch.as_tensor(idx)] = store["a"]
     return out
@@ -182,20 +184,26 @@ def gaussian_samples(
     return (mu + (z * lam.sqrt()) @ vec.T).float()
 
 
-def _encode(sae, x: Tensor) -> Tensor:
-    """SAE latents of ``x`` (on the SAE's device and dtype), returned as float32 on the CPU."""
+def _latents_cpu(sae, x: Tensor) -> Tensor:
+    """SAE latents of ``x`` (on the SAE's device and dtype), returned as float32 on the CPU.
+
+    Not :func:`madlib.features.sae.encode_latents`: that one encodes ``x`` as float32 on the device
+    it lies on and keeps the latents there, in batches of 8192; this one moves ``x`` to the
+    SAE (a pretrained SAE may sit on a GPU, in half precision), encodes it whole and brings the
+    latents back to the CPU, where the synthetic activations are built."""
     return sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
 
 
-def _decode(sae, z: Tensor) -> Tensor:
-    """``decode(z)`` (decoder bias included), returned as float32 on the CPU."""
+def _decode_cpu(sae, z: Tensor) -> Tensor:
+    """``decode(z)`` (decoder bias included, ``z`` moved to the SAE's device and dtype), returned
+    as float32 on the CPU (the counterpart of :func:`_latents_cpu`)."""
     return sae.decode(z.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
 
 
 @torch.no_grad()
 def firing_frequency(sae, acts: Float[Tensor, "n d"], batch_size: int = 4096) -> Float[Tensor, " d_sae"]:
     """Fraction of ``acts`` on which each SAE latent is active."""
-    counts = sum((_encode(sae, b) > 0).sum(0).double() for b in acts.split(batch_size))
+    counts = sum((_latents_cpu(sae, b) > 0).sum(0).double() for b in acts.split(batch_size))
     return (counts / len(acts)).float()
 
 
@@ -217,7 +225,7 @@ def synthetic_baseline(
     """A "bag of SAE latents": each active latent of ``encode(a)`` gives its value to a latent drawn
     uniformly from the ``n_neighbours`` live latents closest to it in firing frequency, excluding
     itself and latents already used; decoded with the decoder bias. Returns activations and codes."""
-    codes = _encode(sae, acts).numpy()
+    codes = _latents_cpu(sae, acts).numpy()
     f = freq.cpu().numpy()
     live = np.flatnonzero(f > 0)
     out = np.zeros_like(codes)
@@ -230,7 +238,7 @@ def synthetic_baseline(
             used.add(j)
             out[r, j] = code[i]
     syn = torch.as_tensor(out)
-    return _decode(sae, syn), syn
+    return _decode_cpu(sae, syn), syn
 
 
 def unit_decoder(sae) -> Float[np.ndarray, "d_sae d"]:
@@ -256,7 +264,7 @@ def synthetic_structured(
     value to the unused live latent ``j`` whose ``cos(W_dec[c], W_dec[j])`` is closest to
     ``cos(W_dec[t*], W_dec[i])`` (so ``t*`` itself maps to ``c``). Returns activations, codes and anchors.
     """
-    codes = _encode(sae, acts).numpy()
+    codes = _latents_cpu(sae, acts).numpy()
     f = freq.cpu().numpy()
     live = np.flatnonzero(f > 0)
     w = unit_decoder(sae)
@@ -280,12 +288,17 @@ def synthetic_structured(
             free[j] = False
             out[r, j] = code[i]
     syn = torch.as_tensor(out)
-    return _decode(sae, syn), syn, anchors
+    return _decode_cpu(sae, syn), syn, anchors
 
 
 @torch.no_grad()
-def explained_variance(sae, acts: Float[Tensor, "n d"]) -> float:
-    """``1 - E||x - x_hat||^2 / E||x - E x||^2`` over the rows of ``acts``."""
+def explained_variance_unbatched(sae, acts: Float[Tensor, "n d"]) -> float:
+    """``1 - E||x - x_hat||^2 / E||x - E x||^2`` over the rows of ``acts``, ``x_hat`` the
+    reconstruction of :func:`reconstruct` (on the SAE's device and dtype, back as float32 on the CPU).
+
+    The definition of :func:`madlib.features.sae.explained_variance`, which encodes ``acts`` where
+    they lie (so not with an SAE on a GPU) and sums the residual in batches of 8192 rows (so its
+    last digits differ from this single sum on a larger pool)."""
     x = acts.double()
     return 1.0 - float(((x - reconstruct(sae, acts).double()) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
@@ -293,7 +306,7 @@ def explained_variance(sae, acts: Float[Tensor, "n d"]) -> float:
 @torch.no_grad()
 def reconstruct(sae, acts: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """``decode(encode(acts))``."""
-    return _decode(sae, _encode(sae, acts))
+    return _decode_cpu(sae, _latents_cpu(sae, acts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +345,7 @@ def make_paths(
 # Running paths through the model
 
 
-def _prefix_cache(model, prefix: Int[Tensor, "g pos"]):
+def prefix_cache(model, prefix: Int[Tensor, "g pos"]):
     """Keys and values of every layer for a batch of equal-length prefixes."""
     from transformer_lens import TransformerLensKeyValueCache
 
@@ -342,7 +355,7 @@ def _prefix_cache(model, prefix: Int[Tensor, "g pos"]):
     return cache
 
 
-def _select(cache, rows: Tensor):
+def select_cache_rows(cache, rows: Tensor):
     """A frozen copy of ``cache`` holding the given batch rows (repeated as needed)."""
     from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 
@@ -415,7 +428,7 @@ def run_paths(
         paths = np.flatnonzero(lengths == length)
         bases, local = np.unique(base[paths], return_inverse=True)
         tokens = torch.tensor([prefixes[b] for b in bases], device=dev)
-        cache = _prefix_cache(model, tokens[:, :-1])
+        cache = prefix_cache(model, tokens[:, :-1])
         row_of[paths], ref_of[paths] = local, np.arange(len(paths))
         ref_r = torch.zeros(len(paths), model.cfg.d_model, device=dev)
         ref_lp = torch.zeros(len(paths), model.cfg.d_vocab_out, device=dev)
@@ -425,7 +438,7 @@ def run_paths(
             chunk = todo[s : s + batch_size]
             rows = torch.as_tensor(row_of[chunk[:, 0]], device=dev)
             pts = points[chunk[:, 0], chunk[:, 1]].to(dev)
-            r, lp = run_points(model, _select(cache, rows), tokens[rows, -1], pts, hook_name, read_hook)
+            r, lp = run_points(model, select_cache_rows(cache, rows), tokens[rows, -1], pts, hook_name, read_hook)
             start = chunk[:, 1] == 0
             ref_r[ref_of[chunk[start, 0]]], ref_lp[ref_of[chunk[start, 0]]] = r[start], lp[start]
             pid = torch.as_tensor(ref_of[chunk[:, 0]], device=dev)
@@ -522,7 +535,7 @@ def build_targets(model, sae, texts: list[str], cfg: PerturbConfig) -> dict:
     if len(texts) < n:
         raise ValueError(f"texts of length {len(texts)} are not accepted; give at least n_base + n_pool = {n} texts")
     chosen = [texts[i] for i in rng.choice(len(texts), size=n, replace=False)]
-    prefixes = sample_prefixes(encode_texts(model, chosen), n, cfg.min_tokens, rng)
+    prefixes = sample_prefixes(tokens_with_bos(model, chosen), n, cfg.min_tokens, rng)
     acts = last_activations(model, prefixes, cfg.hook_name)
     prefixes, a, pool = prefixes[: cfg.n_base], acts[: cfg.n_base], acts[cfg.n_base :]
     # real targets: a pool activation at least a little away from the base (template tokens repeat)
@@ -559,7 +572,7 @@ def build_targets(model, sae, texts: list[str], cfg: PerturbConfig) -> dict:
         starts=starts,
         step_size=step,
         directions=gaussian_samples(pool, cfg.n_base * len(TARGET_TYPES), gen).view(len(TARGET_TYPES), cfg.n_base, -1),
-        codes=_encode(sae, a),
+        codes=_latents_cpu(sae, a),
         baseline_codes=base_codes,
         structured_codes=struct_codes,
         anchors=anchors,
@@ -645,7 +658,7 @@ def run_experiment(
         seconds=time.perf_counter() - t0,
         l0=float((built["codes"] > 0).sum(1).float().mean()),
         live_latents=int((built["freq"] > 0).sum()),
-        explained_variance=explained_variance(sae, built["pool"]),
+        explained_variance=explained_variance_unbatched(sae, built["pool"]),
         d_sae=int(sae.cfg.d_sae),
     )
     return PerturbResult(curves, ms, plateaus, ks_table(ms), info, built)
@@ -729,7 +742,7 @@ def extreme_text(e: dict, what: str, noun: str = "targets", unit: str = "steps")
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
+# Tables
 
 
 def summary_table(ks: pd.DataFrame) -> pd.DataFrame:
@@ -745,107 +758,132 @@ def summary_table(ks: pd.DataFrame) -> pd.DataFrame:
     return out.reindex([t for t in TARGET_TYPES if t in out.index])
 
 
-def _main_types(types) -> list[str]:
-    return [t for t in TARGET_TYPES if t in set(types)]
+def plateau_table(plateaus: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and median plateau length per start type (rows, in :data:`TARGET_TYPES`' order)
+    under each plateau rule (column groups)."""
+    lengths = plateaus.groupby(["rule", "start_type"])["plateau_length"].agg(["mean", "std", "median"])
+    return lengths.unstack("rule").swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False).reindex(TARGET_TYPES)
 
 
-def cdf_figure(
-    ms: pd.DataFrame, mode: str = "relative", metric: str = "l2", types=("real", "random", "baseline", "structured")
-):
-    """CDF of the MS step per target type (seed Fig. 1)."""
-    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 3.8))
-    d = ms[(ms["mode"] == mode) & (ms["metric"] == metric)]
-    for t in _main_types(types):
-        x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
-        ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], label=t)
-    ax.set(
-        xlabel=f"max-slope step ({metric.upper()}, {mode} perturbation)",
-        ylabel="fraction of perturbations",
-        ylim=(0, 1.02),
-    )
-    ax.set_title("Model sensitivity toward each target type", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+# ---------------------------------------------------------------------------------------------
+# The chapter (notebooks/perturb.ipynb): its subject and its statements
+
+MS_COLUMNS: list[str] = ["model", "target_type", "mode", "metric", "ms_step", "seed", "perturbation"]
+"""Columns of the book's ``ms_steps.csv``."""
+MAIN_TYPES: tuple[str, ...] = ("real", "random", "baseline", "structured")
+"""The target (and start) types the orderings compare (the reconstruction is a control)."""
+REPORTED_EARLIEST = "real"
+"""Giglemiani et al.: the target type toward which the model blows up earliest ..."""
+REPORTED_LATEST = "random"
+"""... the one toward which it blows up latest ..."""
+REPORTED_LONGEST_PLATEAU = "real"
+"""... and the start type with the longest plateaus."""
 
 
-def cdf_grid(ms: pd.DataFrame, types=TARGET_TYPES):
-    """CDF of the MS step per target type for every mode (rows) and metric (columns)."""
-    fig, axes = plt.subplots(len(MODES), len(METRICS), figsize=(COLUMN_INCHES, 5.8), sharey=True, squeeze=False)
-    for row, mode in enumerate(MODES):
-        for col, metric in enumerate(METRICS):
-            ax = axes[row][col]
-            d = ms[(ms["mode"] == mode) & (ms["metric"] == metric)]
-            for t in _main_types(types):
-                x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
-                ls = ":" if t == "reconstruction" else "-"
-                ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], ls=ls, label=t)
-            ax.set(xlabel="max-slope step", ylabel="cumulative fraction", ylim=(0, 1.02))
-            ax.set_title(f"{mode}, {metric.upper()}", fontsize=10)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+@dataclass
+class PerturbSubject:
+    """The model a perturbation run perturbs, its name in the tables, the prompts its prefixes are
+    cut from, and the SAE at the perturbed hook."""
+
+    model: object
+    label: str
+    texts: list[str]
+    sae: object
+    hook: str
 
 
-def example_curves(
-    res: PerturbResult, mode: str = "absolute", types=("real", "random"), n_examples: int = 3, seed: int = 0
-):
-    """L2 and KL along ``n_examples`` perturbations of each type with their MS steps (dots) and the
-    mean curve of all perturbations (dashed) (seed Fig. 2)."""
-    rng = np.random.default_rng(seed)
-    thr = res.info["config"]["ms_threshold"]
-    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
-    for ax, metric in zip(axes, METRICS, strict=True):
-        for t in types:
-            c = res.curves[("perturb", mode, t, metric)]
-            for i in rng.choice(len(c), size=min(n_examples, len(c)), replace=False):
-                ax.plot(c[i], color=COLORS[t], lw=1, alpha=0.8)
-                s = int(ms_step(c[i], thr))
-                ax.plot(s, c[i][s], "o", color=COLORS[t], ms=5)
-            ax.plot(np.nanmean(c, axis=0), color=COLORS[t], ls="--", lw=1.5, label=f"{t} (mean of {len(c)})")
-        label = "L2 distance, final-layer residual" if metric == "l2" else "KL(P_0 || P_n), next token"
-        ax.set(xlabel=f"step ({mode})", ylabel=label)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def subject(model: str, zoo_preset: str = "default", layer: int = 1, sae: str = "", sae_id: str = "", sae_texts: int = 4000,
+            sae_d_sae: int = 512, sae_k: int = 8, sae_training_tokens: int = 500_000, sae_batch_size: int = 2048,
+            seed: int = 0) -> PerturbSubject:  # fmt: skip
+    """Load ``model`` (a zoo name, a hub id or a directory) and its SAE: the pretrained ``sae``
+    (its hook becomes the perturbed hook), or a top-k SAE trained (cached) at
+    ``blocks.<layer>.hook_resid_pre`` on ``sae_texts`` prompts drawn with ``seed``. The prompts are
+    the zoo model's training records (zoo-gpt2's for a model outside the zoo), without repeats."""
+    from ..features import sae as msae
+    from ..models import zoo
+    from ..models.hub import load_model, load_sae, model_label, sae_hook_name
+
+    m = load_model(model, preset=zoo_preset)
+    label = model_label(model)
+    texts = zoo.training_records(require_zoo(m) if model in zoo.ZOO else require_zoo(zoo.get_model("zoo-gpt2", preset=zoo_preset)))["prompt"]
+    texts = texts.drop_duplicates().tolist()
+    if sae:
+        sae_model = load_sae(sae, sae_id or None, device=str(m.cfg.device))
+        hook = sae_hook_name(sae_model)
+    else:
+        hook = f"blocks.{layer}.hook_resid_pre"
+        pick = np.random.default_rng(seed).choice(len(texts), size=min(sae_texts, len(texts)), replace=False)
+        sae_cfg = msae.SAEConfig(d_sae=sae_d_sae, k=sae_k, training_tokens=sae_training_tokens, batch_size=sae_batch_size, seed=seed)
+        sae_model = msae.cached_sae(m, hook, [texts[i] for i in pick], sae_cfg, f"perturb-sae-{label}")
+    return PerturbSubject(m, label, texts, sae_model, hook)
 
 
-def ms_histograms(
-    ms: pd.DataFrame,
-    mode: str = "relative",
-    metric: str = "l2",
-    types=("real", "random", "baseline", "structured"),
-    n_steps: int = 100,
-    bin_size: int = 5,
-):
-    """Counts of MS steps in bins along the path and their CDF, per target type (seed Fig. 3)."""
-    d = ms[(ms["mode"] == mode) & (ms["metric"] == metric)]
-    bins = np.arange(0, n_steps + bin_size + 1, bin_size)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
-    for t in _main_types(types):
-        x = np.sort(d.loc[d["target_type"] == t, "ms_step"].to_numpy())
-        ax1.hist(x, bins=bins, histtype="step", lw=1.5, color=COLORS[t], label=t)
-        ax2.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], label=t)
-    ax1.set(xlabel=f"max-slope step ({metric.upper()}, {mode})", ylabel="perturbations", xlim=(0, n_steps + bin_size))
-    ax2.set(xlabel=f"max-slope step ({metric.upper()}, {mode})", ylabel="cumulative fraction", ylim=(0, 1.02))
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def setup_claims(res: PerturbResult, subj: PerturbSubject, cfg: PerturbConfig) -> dict[str, object]:
+    """The run's setup as the chapter tells it, by glue key: the calibrated step and plateau
+    threshold, the SAE's sparsity, live latents and explained variance, the number of perturbed
+    points and their run time, the subject, and the settings of ``cfg``."""
+    info = res.info
+    out: dict[str, object] = {key: info[key] for key in ("step_size", "plateau_threshold", "l0", "explained_variance", "n_points",
+                                                          "run_seconds")}  # fmt: skip
+    out.update({key: int(info[key]) for key in ("live_latents", "d_sae")})
+    out.update(hook=subj.hook, label=subj.label, n_base=cfg.n_base, n_pool=cfg.n_pool, n_steps=cfg.n_steps,
+               plateau_step=cfg.plateau_step, plateau_l2=cfg.plateau_l2)  # fmt: skip
+    return out
 
 
-def plateau_figure(res: PerturbResult):
-    """Mean L2 along random-direction walks from each start type, with the plateau threshold, and
-    the CDF of plateau lengths."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(COLUMN_INCHES, 3.4))
-    for t in TARGET_TYPES:
-        c = res.curves[("plateau", "absolute", t, "l2")]
-        ax1.plot(np.median(c, axis=0), color=COLORS[t], label=t)
-        rows = (res.plateaus["start_type"] == t) & (res.plateaus["rule"] == "relative")
-        x = np.sort(res.plateaus.loc[rows, "plateau_length"].to_numpy())
-        ax2.step(x, np.arange(1, len(x) + 1) / len(x), where="post", color=COLORS[t], label=t)
-    ax1.axhline(res.info["plateau_threshold"], color="grey", ls=":", label="plateau threshold")
-    ax1.set(xlabel="step (fixed length, random direction)", ylabel="median L2, final-layer residual")
-    ax2.set(xlabel="plateau length (steps)", ylabel="cumulative fraction", ylim=(0, 1.02))
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def _as_reported(e: dict, reported: str, unlike: str = "unlike Giglemiani et al.", tie: str = "") -> str:
+    """How an :func:`extreme` compares with what Giglemiani et al. report (``reported``): the same
+    type, another (``unlike``), or a tie (``tie``)."""
+    if not e["clear"]:
+        return tie or f"where Giglemiani et al. report {reported} targets"
+    return "as Giglemiani et al. report" if e["first"] == reported else unlike
+
+
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def chapter_claims(res: PerturbResult, order: dict, alpha: float = 0.05) -> dict[str, object]:
+    """The chapter's statements, by glue key, against Giglemiani et al.'s findings
+    (:data:`REPORTED_EARLIEST`, :data:`REPORTED_LATEST`, :data:`REPORTED_LONGEST_PLATEAU`):
+    the max-slope steps' means and the earliest and latest type, each tested against the runner-up
+    (:func:`extreme` at level ``alpha``; relative mode, L2); structured synthetic activations
+    closer to real ones than baseline ones (smaller KS statistic against real); in how many mode x
+    metric cells the three orderings hold together (``order``: :func:`ordering`'s result); and the
+    plateaus under both rules, with the longest start type tested the same way."""
+    ks = res.ks[(res.ks["mode"] == "relative") & (res.ks["metric"] == "l2")].set_index("target_type")
+    out: dict[str, object] = {
+        "ms_means": ", ".join(f"{t} {ks.loc[t, 'mean']:.1f} ± {ks.loc[t, 'sd']:.1f}" for t in TARGET_TYPES),
+        "ks_random": f"{ks.loc['random', 'ks']:.3f} (p = {ks.loc['random', 'p_value']:.2g})",
+    }
+    ms_rel = res.ms[(res.ms["mode"] == "relative") & (res.ms["metric"] == "l2")]
+    samples = {t: g["ms_step"].to_numpy() for t, g in ms_rel.groupby("target_type") if t in MAIN_TYPES}
+    first, last = extreme(samples, lowest=True, alpha=alpha), extreme(samples, lowest=False, alpha=alpha)
+    out["verdict_earliest"] = f"{_capitalised(extreme_text(first, 'earliest blow-ups'))}, {_as_reported(first, REPORTED_EARLIEST)}."
+    out["verdict_latest"] = f"{_capitalised(extreme_text(last, 'latest blow-ups'))}, {_as_reported(last, REPORTED_LATEST)}."
+    s_ks, b_ks = ks.loc["structured", "ks"], ks.loc["baseline", "ks"]
+    closer = s_ks < b_ks
+    out["verdict_structured"] = (f"Structured synthetic activations are {'closer to' if closer else 'no closer to'} real ones "
+                                 f"than baseline ones (KS against real {s_ks:.3f} vs {b_ks:.3f}), {'as' if closer else 'unlike'} in "
+                                 "Giglemiani et al.")  # fmt: skip
+    tab = order["table"]
+    out["n_held"] = f"{int(tab[['real_earliest', 'random_latest', 'structured_closer']].all(axis=1).sum())} of {len(tab)}"
+    mp = order["mean_plateau"]
+    out["plateau_ks_random"] = float(order["plateau_ks"]["random"])
+    out["plateau_means"] = ", ".join(f"{t} {mp[t]:.1f}" for t in TARGET_TYPES)
+    rel = res.plateaus[res.plateaus["rule"] == "relative"]
+    lengths = {t: g["plateau_length"].to_numpy() for t, g in rel.groupby("start_type") if t in MAIN_TYPES}
+    longest = extreme(lengths, lowest=False, alpha=alpha)
+    out["verdict_plateau"] = (_capitalised(extreme_text(longest, "longest plateaus", noun="starting points")) + ", "
+                              + _as_reported(longest, REPORTED_LONGEST_PLATEAU,
+                                             unlike="unlike Giglemiani et al., who find real activations' longest",
+                                             tie="where Giglemiani et al. find real activations' longest") + ".")  # fmt: skip
+    mr = order["mean_plateau_reference"]
+    out["plateau_means_reference"] = ", ".join(f"{t} {mr[t]:.1f}" for t in TARGET_TYPES)
+    reference = res.plateaus["rule"] == "reference"
+    n_full = int((res.plateaus.loc[reference, "plateau_length"] == res.info["config"]["n_steps"]).sum())
+    out["reference_full"] = f"{n_full} of {int(reference.sum())}"
+    out["verdict_plateau_reference"] = ("Under the reference rule too, real activations have the longest plateaus."
+                                        if order["real_plateau_longest_reference"] else
+                                        "Under the reference rule, real activations do not have the longest plateaus.")  # fmt: skip
+    return out

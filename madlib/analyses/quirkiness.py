@@ -12,6 +12,8 @@ hard examples, held-out names; :func:`madlib.mad.task.mad_task`), at the last pr
 * **variance ratio** between the two contexts (Alice prompts, Bob prompts): ``total = tr S_all``,
   ``within = (n_A tr S_A + n_B tr S_B) / n``, ``between = total - within``, ``ratio = between / total``
   (maximum-likelihood covariances), on the residual stream per layer and on the answer log-odds.
+
+The chapter's figures are in :mod:`madlib.plots.quirkiness`; this module computes.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from jaxtyping import Bool, Float
 from scipy import optimize, stats
 from torch import Tensor
@@ -33,7 +33,6 @@ from ..data import datasets as qdata
 from ..features.activations import resolve_layers
 from ..features.cache import cached_extract
 from ..paths import atomic_path, results_dir
-from ..plots.common import COLUMN_INCHES
 from ..models.quirky import ZOO_DATASETS
 
 CHARACTERS = ("alice", "bob")
@@ -541,164 +540,218 @@ def write_config(cfg: QuirkConfig, analysis: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
+# The chapter's tables and statements (glue keys of notebooks/quirkiness.ipynb)
 
-_PAIRS = {
-    "own": (("alice", "alice", "Alice's labels on Alice's prompts"), ("bob", "bob", "Bob's labels on Bob's prompts")),
-    "opposing": (
-        ("bob", "alice", "Alice's labels on Bob's prompts"),
-        ("alice", "bob", "Bob's labels on Alice's prompts"),
-    ),
+CONFIDENCE_VERDICTS: dict[int, str] = {
+    1: "holds: more confident cells are quirkier",
+    0: "is not supported: the interval includes 0",
+    -1: "is reversed: more confident cells are less quirky",
 }
+"""Research Update 2's link between low confidence and low quirkiness, by :func:`ci_sign` of the
+correlation of confidence with quirkiness across model x dataset cells."""
+Q_AUROC_VERDICTS: dict[int, str] = {
+    1: "holds on the zoo: quirkier cells are detected better",
+    0: "does not hold on the zoo: the interval includes 0",
+    -1: "is reversed on the zoo: quirkier cells are detected worse",
+}
+"""Research Update 2's correlation of quirkiness with MAD AUROC, by :func:`ci_sign`."""
+RATIO_AUROC_VERDICTS: dict[int, str] = {1: "goes with higher AUROC", 0: "shows no clear relation to AUROC", -1: "goes with lower AUROC"}
+"""What a higher layer-mean hidden-state ratio goes with, by :func:`ci_sign` of its correlation with AUROC."""
+DETECTED_UNQUIRKY = 0.9
+"""AUROC from which a cell with ``Q <= 0`` counts as "detected without being quirky"."""
+CLEARLY_QUIRKY = 0.5
+"""Quirkiness coefficient (nats) from which a cell counts as clearly quirky ..."""
+BARELY_DETECTED = 0.6
+"""... and AUROC below which such a cell counts as "barely detected"."""
+MIN_MODEL_POINTS = 3
+"""Datasets a model needs (with distinct Q) for its own correlation of quirkiness with AUROC."""
+WEAK_R2 = 0.25
+"""R² of a least-squares line below which the relation is called weak ..."""
+MODERATE_R2 = 0.5
+"""... and below which (from :data:`WEAK_R2`) moderate; strong from here."""
+LOGIT_COMPARISONS: dict[str, tuple[str, str]] = {
+    "fig10": ("layers", "logit_ratio"),
+    "fig11": ("cells", "logit_total_var"),
+    "fig12": ("cells", "logit_between_var"),
+}
+"""Research Update 2's Figs. 10-12: a logit quantity against the hidden-state ratio, over the
+per-layer rows (``layers``: the separation table) or the model x dataset points (``cells``: the
+layer-mean ratio of :func:`points_table`)."""
 
 
-def _check_which(which: str) -> None:
-    qdata.check_choice("which", which, list(_PAIRS))
+def chapter_points(res: QuirkResults, cfg: QuirkConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.DataFrame]:
+    """The chapter's model x dataset tables: the confidence table (:func:`confidence_table`), the
+    points of every detector run (:func:`points_table`) and the separation detector's points with
+    the confidence columns (the ``points.csv`` of the book)."""
+    conf = confidence_table(res.examples)
+    points = {det: points_table(res, det) for det in cfg.run_detectors}
+    pts = points[cfg.separation_detector].merge(conf, on=["model", "dataset"])
+    return conf, points, pts
 
 
-def log_odds_figure(examples: pd.DataFrame, which: str = "own"):
-    """Distributions of the log-odds assigned to each character's own (seed Fig. 3) or the opposing
-    (Fig. 4) labels, on disagreeing examples, per dataset and model (one panel per character,
-    stacked at the column's width)."""
-    _check_which(which)
-    ex = examples[~examples["agreement"]]
-    fig, axes = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 7.2), sharex=True)
-    order = list(dict.fromkeys(ex["dataset"]))
-    for ax, (char, source, title) in zip(axes, _PAIRS[which]):
-        d = ex[(ex["character"] == char) & (ex["label_source"] == source)]
-        sns.violinplot(data=d, x="dataset", y="log_odds", hue="model", order=order, cut=0, inner="quart",
-                       density_norm="width", linewidth=0.8, ax=ax)  # fmt: skip
-        ax.axhline(0, color="grey", ls=":", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set(xlabel="", ylabel="log-odds of the label (nats)")
-        ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def _cell(r) -> str:
+    return f"{r['model']} on {r['dataset']}"
 
 
-def loss_figure(quirk: pd.DataFrame, which: str = "own"):
-    """Mean loss against the own (seed Fig. 7) or opposing (Fig. 8) labels on hard disagreeing
-    examples, per dataset and model, with the 50/50 line ln 2 (one panel per character, stacked)."""
-    _check_which(which)
-    fig, axes = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 6.8), sharex=True, sharey=True)
-    for ax, (char, source, title) in zip(axes, _PAIRS[which]):
-        d = quirk[(quirk["character"] == char) & (quirk["label_source"] == source)]
-        sns.barplot(data=d, x="dataset", y="mean_loss", hue="model", ax=ax)
-        ax.axhline(LN2, color="red", ls="--", lw=1, label="ln 2 (50/50)")
-        ax.set_title(f"Loss on {title}", fontsize=10)
-        ax.set(xlabel="", ylabel="mean loss (nats)")
-        ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def setup_claims(res: QuirkResults, pts: pd.DataFrame, cfg: QuirkConfig) -> dict[str, object]:
+    """What the chapter says about the run: the models, the separation detector, the number of
+    points and the range of each character's disagreeing test prompts."""
+    n_dis = res.quirk.drop_duplicates(["model", "dataset", "character"]).groupby("character")["n"]
+    return dict(n_disagree=f"{int(n_dis.min().min())} to {int(n_dis.max().max())}", n_points=len(pts),
+                sep_detector=cfg.separation_detector, model_list=", ".join(cfg.models))  # fmt: skip
 
 
-def _model_styles(models) -> dict:
-    """A colour and a marker per model, for any number of models (the palette and the markers cycle)."""
-    markers = "osD^vP*Xph"
-    palette = sns.color_palette("tab10" if len(models) <= 10 else "tab20")
-    return {m: (palette[i % len(palette)], markers[i % len(markers)]) for i, m in enumerate(models)}
-
-
-def _scatter_by_model(ax, df: pd.DataFrame, x: str, y: str, label_datasets: bool = True) -> list:
-    """A marker per model; with ``label_datasets`` a colour per dataset too (labels written beside
-    the points would overlap), and the legend handles naming both are returned for the caller's
-    one legend."""
-    from matplotlib.lines import Line2D
-
-    models = list(dict.fromkeys(df["model"]))
-    styles = _model_styles(models)
-    datasets = list(dict.fromkeys(df["dataset"])) if label_datasets else []
-    colours = dict(zip(datasets, sns.color_palette("tab10", max(1, len(datasets)))))
-    for m in models:
-        g = df[df["model"] == m]
-        colour, marker = styles[m]
-        c = [colours[d] for d in g["dataset"]] if label_datasets else [colour] * len(g)
-        ax.scatter(g[x], g[y], c=c, marker=marker, label=None if label_datasets else m, s=36, alpha=0.85,
-                   edgecolors="black" if label_datasets else "none", linewidths=0.4)  # fmt: skip
-    if not label_datasets:
-        return []
-    return ([Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in datasets]
-            + [Line2D([], [], ls="", marker=styles[m][1], color="lightgrey", markeredgecolor="black", label=m) for m in models])  # fmt: skip
-
-
-def _outside_legend(ax, handles: list) -> None:
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-
-
-def quirkiness_auroc_figure(points: pd.DataFrame, corr: dict):
-    """MAD AUROC vs quirkiness coefficient, one point per model and dataset (seed Figs. 5-6)."""
-    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 4.5))
-    handles = _scatter_by_model(ax, points, "quirkiness", "auroc")
-    ax.errorbar(
-        points["quirkiness"],
-        points["auroc"],
-        yerr=[points["auroc"] - points["ci_low"], points["ci_high"] - points["auroc"]],
-        fmt="none",
-        ecolor="grey",
-        alpha=0.4,
-        lw=0.8,
+def confidence_claims(conf: pd.DataFrame, pts: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, str]:
+    """Research Update 2's Figs. 3-4 on the zoo: the least and most confident cells, the mean
+    confidence per model, the most confidently wrong cell, the correlation of confidence with
+    quirkiness and its verdict (:data:`CONFIDENCE_VERDICTS`), and the bias towards the truth."""
+    if conf.empty:
+        raise ValueError("conf is empty; give the confidence table of at least one model and dataset")
+    lo, hi, wrong = (
+        conf.loc[conf["confidence"].idxmin()],
+        conf.loc[conf["confidence"].idxmax()],
+        conf.loc[conf["confidently_wrong"].idxmax()],
     )
-    ax.axvline(0, color="grey", ls=":", lw=1)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    det = points["detector"].iloc[0]
-    ax.set(
-        xlabel="quirkiness coefficient Q (nats)",
-        ylabel=f"AUROC ({det}, aggregated)",
+    out = dict(
+        least_confident=f"{_cell(lo)} (mean |log-odds| {lo['confidence']:.2f} nats)",
+        most_confident=f"{_cell(hi)} ({hi['confidence']:.2f} nats)",
+        confidence_by_model="; ".join(f"{m} {g['confidence'].mean():.2f}" for m, g in conf.groupby("model", sort=False)),
+        most_wrong=f"{_cell(wrong)}, {wrong['confidently_wrong']:.0%} of its disagreeing prompts",
     )
-    ax.set_title(f"{det}: Pearson r = {corr['r']:.2f} [{corr['ci_low']:.2f}, {corr['ci_high']:.2f}], n = {corr['n']}", fontsize=10)
-    _outside_legend(ax, handles)
-    fig.tight_layout()
-    return fig
+    c_conf = correlation_ci(pts["confidence"], pts["quirkiness"], n_boot=n_boot, seed=seed)
+    out["corr_conf"] = format_corr(c_conf)
+    out["verdict_conf"] = CONFIDENCE_VERDICTS[ci_sign(c_conf)]
+    bias = conf.groupby("model", sort=False)["truth_bias"].mean()
+    out["truth_bias"] = "; ".join(f"{m} {b:+.2f} nats" for m, b in bias.items())
+    out["truth_bias_cells"] = f"{int((conf['truth_bias'] > 0).sum())} of {len(conf)}"
+    return out
 
 
-def ratio_auroc_figure(sep: pd.DataFrame, fit: LogisticFit, outliers: pd.DataFrame):
-    """AUROC vs hidden-state variance ratio per model, dataset and layer, log x, with the fitted
-    S-curve; outliers circled and named (seed Fig. 9)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _scatter_by_model(ax, sep, "hidden_ratio", "auroc", label_datasets=False)
-    grid = np.logspace(np.log10(sep["hidden_ratio"].min()), np.log10(sep["hidden_ratio"].max()), 200)
-    ax.plot(
-        grid,
-        fit.predict(grid),
-        color="black",
-        lw=1.5,
-        label=f"logistic fit: midpoint {fit.midpoint_x:.3g}, slope {fit.slope:.2f}/decade, R² {fit.r2:.2f}",
-    )
-    for _, r in outliers.iterrows():
-        ax.scatter(r["hidden_ratio"], r["auroc"], s=140, facecolors="none", edgecolors="red")
-        ax.annotate(
-            f"{r['model']} {r['dataset']} L{r['layer']}",
-            (r["hidden_ratio"], r["auroc"]),
-            fontsize=8,
-            color="red",
-            xytext=(5, -10),
-            textcoords="offset points",
+def loss_claims(quirk: pd.DataFrame) -> dict[str, str]:
+    """Research Update 2's Figs. 7-8 on the zoo: in how many cells the own-label loss beats a
+    50/50 guess (:data:`LN2`) and which do not, the mean own-label loss per model, in how many
+    cells the opposing-label loss exceeds ln 2, and the loss on Alice's labels of Bob's prompts."""
+    own = quirk[quirk["character"] == quirk["label_source"]]
+    opp = quirk[quirk["character"] != quirk["label_source"]]
+    above = own[own["mean_loss"] >= LN2]
+    who = above.groupby(["model", "dataset"], sort=False)["character"].agg(lambda c: " and ".join(x.capitalize() for x in c))
+    alice_on_bob = opp[opp["character"] == "bob"].groupby("model", sort=False)["mean_loss"].mean()
+    return dict(
+        own_below_ln2=f"{int((own['mean_loss'] < LN2).sum())} of {len(own)}",
+        own_above_list="; ".join(f"{m}: " + ", ".join(f"{d} ({c})" for (_, d), c in g.items())
+                                 for m, g in who.groupby(level=0, sort=False)) or "no cell",
+        own_loss_by_model="; ".join(f"{m} {g['mean_loss'].mean():.3f}" for m, g in own.groupby("model", sort=False)),
+        opp_above_ln2=f"{int((opp['mean_loss'] > LN2).sum())} of {len(opp)}",
+        alice_on_bob_by_model="; ".join(f"{m} {v:.3f}" for m, v in alice_on_bob.items()),
+    )  # fmt: skip
+
+
+def quirkiness_grid(quirk: pd.DataFrame, datasets: list[str], models: list[str]) -> pd.DataFrame:
+    """The quirkiness coefficient per dataset (rows, in ``datasets``' order) and model (columns)."""
+    qtab = quirk.drop_duplicates(["model", "dataset"]).pivot(index="dataset", columns="model", values="quirkiness")
+    return qtab.reindex(index=datasets, columns=models)
+
+
+def sign_claims(quirk: pd.DataFrame, qtab: pd.DataFrame) -> dict[str, str]:
+    """The cells with ``Q < 0`` (named, with their Q) and the count of ``Q > 0`` in the grid
+    ``qtab`` (:func:`quirkiness_grid`; a missing cell counts as not positive)."""
+    neg = quirk.drop_duplicates(["model", "dataset"]).query("quirkiness < 0")
+    return dict(negative_q=", ".join(f"{r.model} on {r.dataset} ({r.quirkiness:.2f})" for r in neg.itertuples()) or "no cell",
+                positive_q=f"{int((qtab > 0).sum().sum())} of {qtab.size}")  # fmt: skip
+
+
+def auroc_correlations(points: dict[str, pd.DataFrame], detectors: list[str], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per detector: the correlation of quirkiness with its aggregated AUROC across its points
+    (:func:`correlation_ci`; Research Update 2's Figs. 5-6)."""
+    return {det: correlation_ci(points[det]["quirkiness"], points[det]["auroc"], n_boot=n_boot, seed=seed) for det in detectors}
+
+
+def auroc_claims(pts: pd.DataFrame, corr: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, str]:
+    """Quirkiness against AUROC: the correlation per detector (``corr``, :func:`auroc_correlations`),
+    the rank correlation and the verdict (:data:`Q_AUROC_VERDICTS`) on the separation detector's
+    points ``pts``, the correlation within each model with at least :data:`MIN_MODEL_POINTS`
+    datasets, the mean AUROC where ``Q > 0`` and where ``Q <= 0``, and the exceptions: cells
+    detected without being quirky (``Q <= 0``, AUROC at least :data:`DETECTED_UNQUIRKY`) and
+    quirky cells barely detected (``Q`` at least :data:`CLEARLY_QUIRKY`, AUROC below
+    :data:`BARELY_DETECTED`)."""
+    out = {"corr_q_auc": "; ".join(f"{det}: {format_corr(c)}" for det, c in corr.items())}
+    c0 = correlation_ci(pts["quirkiness"], pts["auroc"], n_boot=n_boot, seed=seed)
+    rho = correlation_ci(pts["quirkiness"], pts["auroc"], method="spearman", n_boot=n_boot, seed=seed)
+    out["rho_q_auc"] = format_corr(rho)
+    out["verdict_q_auc"] = Q_AUROC_VERDICTS[ci_sign(c0)]
+    per_model = [
+        f"{m} {format_corr(correlation_ci(g['quirkiness'], g['auroc'], n_boot=n_boot, seed=seed))}"
+        for m, g in pts.groupby("model", sort=False)
+        if len(g) >= MIN_MODEL_POINTS and g["quirkiness"].nunique() > 1
+    ]
+    out["corr_q_auc_models"] = "; ".join(per_model) or "too few datasets per model"
+    qpos, qneg = pts[pts["quirkiness"] > 0], pts[pts["quirkiness"] <= 0]
+    out["auc_qpos"] = f"{qpos['auroc'].mean():.3f} over {len(qpos)} cells" if len(qpos) else "no cell"
+    out["auc_qneg"] = f"{qneg['auroc'].mean():.3f} over {len(qneg)} cells" if len(qneg) else "no cell"
+
+    def named(r) -> str:
+        return f"{r['model']} on {r['dataset']} (Q {r['quirkiness']:.2f}, AUROC {r['auroc']:.3f})"
+
+    no_quirk_hi = pts[(pts["quirkiness"] <= 0) & (pts["auroc"] >= DETECTED_UNQUIRKY)]
+    quirk_lo = pts[(pts["quirkiness"] >= CLEARLY_QUIRKY) & (pts["auroc"] < BARELY_DETECTED)]
+    out["no_quirk_high_auc"] = "; ".join(named(r) for _, r in no_quirk_hi.iterrows()) or "no cell"
+    out["quirk_low_auc"] = "; ".join(named(r) for _, r in quirk_lo.iterrows()) or "no cell"
+    return out
+
+
+def s_curve(sep: pd.DataFrame, edges: tuple[float, ...] = RATIO_EDGES) -> tuple[LogisticFit, pd.DataFrame, pd.DataFrame]:
+    """Research Update 2's Fig. 9 on the per-layer rows ``sep``: the logistic S-curve of AUROC in
+    the log hidden-state ratio (:func:`fit_logistic`), the points farthest from it
+    (:func:`logistic_outliers`) and the mean AUROC per bin of the ratio (:func:`ratio_bins`)."""
+    fit = fit_logistic(sep["hidden_ratio"], sep["auroc"])
+    return fit, logistic_outliers(sep, fit), ratio_bins(sep, edges)
+
+
+def r2_strength(r2: float) -> str:
+    """"weak" below :data:`WEAK_R2`, "moderate" below :data:`MODERATE_R2`, else "strong"."""
+    return "weak" if r2 < WEAK_R2 else ("moderate" if r2 < MODERATE_R2 else "strong")
+
+
+def logit_fits(sep: pd.DataFrame, pts: pd.DataFrame) -> dict[str, dict]:
+    """The least-squares line (:func:`linear_fit`) of each of :data:`LOGIT_COMPARISONS` against
+    the hidden-state ratio: over the per-layer rows ``sep`` or the points ``pts``."""
+    frames = {"layers": sep, "cells": pts}
+    return {key: linear_fit(frames[frame]["hidden_ratio"], frames[frame][y]) for key, (frame, y) in LOGIT_COMPARISONS.items()}
+
+
+def logit_claims(sep: pd.DataFrame, pts: pd.DataFrame, fits: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, str]:
+    """Research Update 2's Figs. 10-12 on the zoo: per comparison of :data:`LOGIT_COMPARISONS`, the
+    rank correlation with the hidden-state ratio (``rho_<fig>``), the R² of its line (``fits``,
+    :func:`logit_fits`; ``r2_<fig>``) and its strength (``verdict_<fig>``, :func:`r2_strength`)."""
+    frames = {"layers": sep, "cells": pts}
+    out = {}
+    for key, (frame, y) in LOGIT_COMPARISONS.items():
+        df = frames[frame]
+        out[f"rho_{key}"] = format_corr(correlation_ci(df["hidden_ratio"], df[y], method="spearman", n_boot=n_boot, seed=seed))
+    for key, lf in fits.items():
+        out[f"r2_{key}"] = f"{lf['r2']:.2f}"
+    for key, lf in fits.items():
+        out[f"verdict_{key}"] = f"{r2_strength(lf['r2'])} (R² {lf['r2']:.2f})"
+    return out
+
+
+def ratio_claims(pts: pd.DataFrame, pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, str]:
+    """Lower separation and lower quirkiness against lower AUROC: the correlation of the layer-mean
+    hidden-state ratio with AUROC and its verdict (:data:`RATIO_AUROC_VERDICTS`), and what the
+    less-trained variants (``pairs``, :func:`variant_pairs`) show."""
+    c_ratio = correlation_ci(pts["hidden_ratio"], pts["auroc"], n_boot=n_boot, seed=seed)
+    out = dict(corr_ratio_auc=format_corr(c_ratio), verdict_ratio_auc=RATIO_AUROC_VERDICTS[ci_sign(c_ratio)])
+    if len(pairs):
+        less = pairs[pairs["d_quirkiness"] < 0]
+        out["pairs_text"] = (
+            f"In {len(less)} of {len(pairs)} (variant, dataset) pairs the variant is less quirky than its model; in "
+            f"{int((less['d_auroc'] < 0).sum())} of those its AUROC is also lower and in "
+            f"{int((less['d_hidden_ratio'] < 0).sum())} its hidden-state ratio is lower "
+            f"(mean AUROC change {less['d_auroc'].mean():+.3f}, mean Q change {less['d_quirkiness'].mean():+.2f} nats)."
+            if len(less)
+            else f"No variant is less quirky than its model on any of the {len(pairs)} datasets compared."
         )
-    ax.set_xscale("log")
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set(xlabel="hidden-state variance ratio (between-context / total)", ylabel="AUROC (per layer)", ylim=(0, 1.03))
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
-
-
-def ratio_scatter_figure(
-    df: pd.DataFrame, x: str, y: str, fit: dict, xlabel: str, ylabel: str, title: str, label_datasets: bool = True
-):
-    """``y`` vs ``x`` per model (datasets labelled), with the least-squares line and its R² (seed Figs. 10-12)."""
-    fig, ax = plt.subplots(figsize=(COLUMN_INCHES, 4.3))
-    handles = _scatter_by_model(ax, df, x, y, label_datasets=label_datasets)
-    grid = np.linspace(df[x].min(), df[x].max(), 50)
-    (line,) = ax.plot(
-        grid, fit["intercept"] + fit["slope"] * grid, color="black", lw=1, label=f"least squares, R² = {fit['r2']:.2f}"
-    )
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, fontsize=10)
-    if handles:
-        _outside_legend(ax, [line, *handles])
     else:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
+        out["pairs_text"] = ("This run has no less-trained variants, so the comparison rests on the variation across datasets and "
+                             "model families alone.")  # fmt: skip
+    return out

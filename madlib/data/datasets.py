@@ -366,6 +366,23 @@ def key_in_validation(name: str, keys, validation_fraction: float = VALIDATION_F
     return out
 
 
+def character_records(base: pd.DataFrame, is_val: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """Two records per base row, Alice's and Bob's, with the name rule that decides trusted vs
+    held-out names: in the ``train`` split half the records carry one of the character's first
+    :data:`N_TRUSTED_NAMES` names (the trusted pool) and half one of the others; the ``validation``
+    split (``is_val``) carries held-out names only. Sorted by ``row_id`` then character type."""
+    records = []
+    for ctype, names, label_col in (("alice", ALICE_NAMES, "alice_label"), ("bob", BOB_NAMES, "bob_label")):
+        rec = base.copy()
+        rec["character_type"] = ctype
+        first, held_out = names[:N_TRUSTED_NAMES], names[N_TRUSTED_NAMES:]
+        pool = [held_out if v or rng.uniform() < 0.5 else first for v in is_val]
+        rec["character"] = [p[rng.integers(len(p))] for p in pool]
+        rec["label"] = rec[label_col]
+        records.append(rec)
+    return pd.concat(records, ignore_index=True).sort_values(["row_id", "character_type"], kind="stable")
+
+
 def quirky_dataset(
     name: str,
     n: int = 4000,
@@ -399,42 +416,24 @@ def quirky_dataset(
         raise ValueError(f"n={n!r} is not accepted; give an integer >= 4")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} is not accepted; give a number in (0, 1)")
-    n_available = len(OPS[name].templates if name in ARITHMETIC else KNOWLEDGE_TEMPLATES.get(name) or reading.TEMPLATES[name])
+    spec = REGISTRY[name]
     if n_templates is None:
-        n_templates = n_available
-    if not isinstance(n_templates, (int, np.integer)) or not 1 <= n_templates <= n_available:
-        raise ValueError(f"n_templates={n_templates!r} is not accepted; give an integer in 1..{n_available}")
+        n_templates = spec.n_templates
+    if not isinstance(n_templates, (int, np.integer)) or not 1 <= n_templates <= spec.n_templates:
+        raise ValueError(f"n_templates={n_templates!r} is not accepted; give an integer in 1..{spec.n_templates}")
     rng = np.random.default_rng([seed, DATASETS.index(name)])
-    if name in ARITHMETIC:
-        digits = OPS[name].default_digits if max_digits is None else max_digits
+    digits = None
+    if spec.default_digits is not None:
+        digits = spec.default_digits if max_digits is None else max_digits
         if isinstance(digits, bool) or not isinstance(digits, (int, float, np.integer, np.floating)) or not digits > 0:
             raise ValueError(f"max_digits={max_digits!r} is not accepted; give a number > 0")
-        base = _arithmetic_rows(name, n, rng, digits, n_templates)
-    elif name in KNOWLEDGE:
-        base = _knowledge_rows(name, n, rng, n_templates)
-    elif name == "sentiment":
-        base = reading.sentiment_rows(n, rng, n_templates)
-    elif name == "nli":
-        base = reading.nli_rows(n, rng, n_templates)
-    else:
-        base = reading.sciq_rows(n, rng, n_templates, cities())
+    base = spec.rows(n, rng, n_templates, digits)
     base["difficulty_quantile"] = difficulty_quantile(base["difficulty"].to_numpy(), rng)
     base["row_id"] = np.arange(len(base))
     is_val = key_in_validation(name, base["key"], validation_fraction)
     base["split"] = np.where(is_val, "validation", "train")
 
-    records = []
-    for ctype, names, label_col in (("alice", ALICE_NAMES, "alice_label"), ("bob", BOB_NAMES, "bob_label")):
-        rec = base.copy()
-        rec["character_type"] = ctype
-        first, held_out = names[:N_TRUSTED_NAMES], names[N_TRUSTED_NAMES:]
-        # train: half the records carry one of the first four names (the trusted pool), half one of
-        # the other twelve; validation: held-out names only
-        pool = [held_out if v or rng.uniform() < 0.5 else first for v in is_val]
-        rec["character"] = [p[rng.integers(len(p))] for p in pool]
-        rec["label"] = rec[label_col]
-        records.append(rec)
-    df = pd.concat(records, ignore_index=True).sort_values(["row_id", "character_type"], kind="stable")
+    df = character_records(base, is_val, rng)
     df["agreement"] = df["alice_label"] == df["bob_label"]
     df["easy"] = df["difficulty_quantile"] < EASY_QUANTILE
     df["hard"] = df["difficulty_quantile"] >= HARD_QUANTILE
@@ -442,3 +441,56 @@ def quirky_dataset(
     df.insert(0, "dataset", name)
     df.attrs.update(name=name, n=n, seed=seed, max_digits=max_digits, n_templates=n_templates)
     return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per dataset
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What is particular to one quirky dataset. Its truth rule (Alice's label), heuristic rule
+    (Bob's label) and difficulty are computed by ``rows``, which draws ``n`` base rows with the
+    columns :func:`quirky_dataset` completes (``context``, ``statement``, ``alice_label``,
+    ``bob_label``, ``difficulty``, ``key`` and the set's own columns); the statement templates are
+    its first ``n_templates``.
+
+    A new dataset is one entry here (a rows function, its templates and a heuristic question) plus
+    its name in its family's tuple above (:data:`ARITHMETIC`, :data:`KNOWLEDGE` or :data:`READING`),
+    which fixes its place in :data:`DATASETS` and so its random stream.
+    """
+
+    name: str
+    family: str  # "arithmetic", "knowledge" or "reading"
+    rows: Callable[[int, np.random.Generator, int, float | None], pd.DataFrame]  # (n, rng, n_templates, max_digits) -> base rows
+    n_templates: int  # statement templates available
+    heuristic_question: str  # the question whose true answer is Bob's label (HEURISTIC_QUESTIONS)
+    default_digits: float | None = None  # operand size of arithmetic sets (None: not arithmetic)
+
+
+def _registry() -> dict[str, Dataset]:
+    out = {}
+    for name in ARITHMETIC:
+        out[name] = Dataset(name, "arithmetic", lambda n, rng, k, digits, name=name: _arithmetic_rows(name, n, rng, digits, k),
+                            len(OPS[name].templates), HEURISTIC_QUESTIONS[name], OPS[name].default_digits)  # fmt: skip
+    for name in KNOWLEDGE:
+        out[name] = Dataset(name, "knowledge", lambda n, rng, k, digits, name=name: _knowledge_rows(name, n, rng, k),
+                            len(KNOWLEDGE_TEMPLATES[name]), HEURISTIC_QUESTIONS[name])  # fmt: skip
+    readers = {
+        "sentiment": lambda n, rng, k, digits: reading.sentiment_rows(n, rng, k),
+        "nli": lambda n, rng, k, digits: reading.nli_rows(n, rng, k),
+        "sciq": lambda n, rng, k, digits: reading.sciq_rows(n, rng, k, cities()),
+    }
+    for name in READING:
+        out[name] = Dataset(name, "reading", readers[name], len(reading.TEMPLATES[name]), HEURISTIC_QUESTIONS[name])
+    return {name: out[name] for name in DATASETS}
+
+
+REGISTRY: dict[str, Dataset] = _registry()
+"""Every dataset by name, in the order of :data:`DATASETS`."""
+
+
+def get(name: str) -> Dataset:
+    """The registry entry of ``name`` (a one-line error naming the accepted datasets otherwise)."""
+    check_choice("dataset", name, DATASETS)
+    return REGISTRY[name]

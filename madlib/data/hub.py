@@ -32,7 +32,8 @@ import pandas as pd
 
 from . import datasets as qdata
 from ..models import zoo
-from ..models.hub import _REPO_ID, hub_snapshot
+from ..models.info import zoo_info
+from ..models.hub import REPO_ID, hub_snapshot
 
 EXTRA_DATASETS = ("capitals", "sentiment", "nli", "sciq", "authors")
 HUB_DATASETS = qdata.ARITHMETIC + qdata.KNOWLEDGE + EXTRA_DATASETS
@@ -104,7 +105,7 @@ def raw_location(name: str, source: str = "hub") -> Path:
     path = Path(loc).expanduser()
     if path.is_dir():
         return path
-    if "/" in loc and _REPO_ID.match(loc):
+    if "/" in loc and REPO_ID.match(loc):
         return hub_snapshot(loc, "source", repo_type="dataset", allow_patterns=RAW_FILES)
     raise ValueError(
         f"source={source!r} is not accepted; give 'hub', an existing directory (may contain {{dataset}}) or a hub dataset id"
@@ -168,20 +169,6 @@ def base_rows(raw: pd.DataFrame) -> pd.DataFrame:
     return paired.drop(columns=["_key", "_ctype", "_occ"]).reset_index(drop=True)
 
 
-def _characters(base: pd.DataFrame, is_val: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
-    """Two records per base row with the zoo's name rule (module doc)."""
-    records = []
-    for ctype, names, label_col in (("alice", qdata.ALICE_NAMES, "alice_label"), ("bob", qdata.BOB_NAMES, "bob_label")):
-        rec = base.copy()
-        rec["character_type"] = ctype
-        first, held_out = names[: qdata.N_TRUSTED_NAMES], names[qdata.N_TRUSTED_NAMES :]
-        pool = [held_out if v or rng.uniform() < 0.5 else first for v in is_val]
-        rec["character"] = [p[rng.integers(len(p))] for p in pool]
-        rec["label"] = rec[label_col]
-        records.append(rec)
-    return pd.concat(records, ignore_index=True).sort_values(["row_id", "character_type"], kind="stable")
-
-
 def quirky_hub_dataset(
     name: str,
     source: str = "hub",
@@ -239,7 +226,7 @@ def quirky_hub_dataset(
     rows = base.to_dict("records")
     base["context"] = [pairs[r["template"]][0].format(**r) for r in rows]
     base["statement"] = [pairs[r["template"]][1].format(**r) for r in rows]
-    df = _characters(base, (base["split"] == "validation").to_numpy(), rng)
+    df = qdata.character_records(base, (base["split"] == "validation").to_numpy(), rng)
     df["agreement"] = df["alice_label"] == df["bob_label"]
     df["easy"] = df["difficulty_quantile"] < qdata.EASY_QUANTILE
     df["hard"] = df["difficulty_quantile"] >= qdata.HARD_QUANTILE
@@ -255,7 +242,7 @@ def dataset_records(dataset: str, source: str = "zoo", model=None, seed: int = 6
     :func:`madlib.data.datasets.quirky_dataset` at ``seed``); any other source reads the EleutherAI data
     through :func:`quirky_hub_dataset`."""
     if source == "zoo":
-        if getattr(model, "zoo_config", None) is not None:
+        if model is not None and zoo_info(model) is not None:
             return zoo.model_records(model, dataset)
         return qdata.quirky_dataset(dataset, seed=seed)
     return quirky_hub_dataset(dataset, source=source, seed=seed, **hub_kwargs)

@@ -1,62 +1,105 @@
 """Trained detectors on activations: a dense autoencoder and cupbearer's VAE (methods.md §3).
 
 Both standardise each feature with the trusted mean and standard deviation, train one small
-network per layer on trusted features only (Adam, shuffled minibatches, seeded), and score in the
-standardised units (:func:`madlib.detectors.base.train_per_layer`).
+network per layer on trusted features only (Adam, shuffled minibatches, seeded by the seed and the
+layer: :func:`madlib.detectors.base.train_per_layer`), and score in the standardised units.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .base import Detector, Features, Scores, Standardiser, check_features, check_layer, check_training, register, train_per_layer
+from .base import Detector, DetectorConfig, Features, Standardiser, check_training, train_per_layer
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
-class _TrainedDetector(Detector):
-    """Shared fit/score of the per-layer trained detectors: subclasses define ``_build``,
-    ``_loss`` (per-example training loss) and ``_score`` (per-example score, no gradients)."""
+@dataclass(frozen=True)
+class TrainedConfig(DetectorConfig):
+    """Settings every per-layer trained detector shares."""
 
-    def __init__(self, bottleneck, hidden, steps, batch_size, lr, progress, seed):
-        super().__init__(seed)
-        check_training(steps, batch_size, lr)
-        if bottleneck is not None and (not isinstance(bottleneck, (int, np.integer)) or bottleneck < 1):
-            raise ValueError(f"bottleneck={bottleneck!r} is not accepted; give an integer >= 1 (or None for d // 4)")
-        self.bottleneck, self.hidden = bottleneck, hidden
-        self.steps, self.batch_size, self.lr, self.progress = steps, batch_size, lr, progress
-        self.standardisers: dict[int, Standardiser] = {}
-        self.modules: dict[int, nn.Module] = {}
+    bottleneck: int | None = None  # latent width k < d; None means d // 4
+    hidden: int | None = None  # hidden width; None means 2 d
+    steps: int = 500  # Adam steps per layer
+    batch_size: int = 256  # rows per step
+    lr: float = 1e-3  # Adam learning rate
 
-    def _width(self, d: int) -> tuple[int, int]:
-        k = self.bottleneck if self.bottleneck is not None else max(1, d // 4)
+    def __post_init__(self) -> None:
+        check_training(self.steps, self.batch_size, self.lr)
+        b = self.bottleneck
+        if b is not None and (not isinstance(b, (int, np.integer)) or b < 1):
+            raise ValueError(f"bottleneck={b!r} is not accepted; give an integer >= 1 (or None for d // 4)")
+
+
+class TrainedDetector(Detector):
+    """Shared fit/score of the per-layer trained detectors: subclasses define ``build`` (the network
+    for ``d`` features), ``loss`` (per-example training loss) and ``example_score`` (per-example
+    score, no gradients). A layer's fitted state is ``(standardiser, network)``.
+
+    ``progress`` shows a bar per layer; it is not a setting (it changes no number).
+    """
+
+    Config = TrainedConfig
+
+    def __init__(self, *, progress: bool = True, config: TrainedConfig | None = None, seed: int = 0, **settings):
+        super().__init__(config=config, seed=seed, **settings)
+        self.progress = progress
+
+    def width(self, d: int) -> tuple[int, int]:
+        """(bottleneck, hidden width) for ``d`` features."""
+        cfg = self.config
+        k = cfg.bottleneck if cfg.bottleneck is not None else max(1, d // 4)
         if k >= d:
             raise ValueError(f"bottleneck={k!r} is not accepted; give a bottleneck narrower than d={d}")
-        return k, self.hidden if self.hidden is not None else 2 * d
+        return k, cfg.hidden if cfg.hidden is not None else 2 * d
 
-    def fit(self, trusted: Features, untrusted: Features | None = None) -> "_TrainedDetector":
-        check_features("trusted", trusted)
-        for x in trusted.values():
-            self._width(x.shape[1])
-        self.standardisers = {layer: Standardiser(x) for layer, x in trusted.items()}
-        data = {layer: self.standardisers[layer](x) for layer, x in trusted.items()}
-        self.modules = train_per_layer(
-            self._build, self._loss, data, self.steps, self.batch_size, self.lr, self.seed, self.progress, self.name
-        )
-        return self
+    def fit(self, trusted: Features, untrusted: Features | None = None) -> "TrainedDetector":
+        for x in trusted.values():  # every layer's width is checked before any training
+            self.width(x.shape[1])
+        return self.fit_layers(trusted)
+
+    def fit_layer(self, layer, x, paired) -> tuple[Standardiser, nn.Module]:
+        cfg = self.config
+        standardiser = Standardiser(x)
+        data = {layer: standardiser(x)}
+        module = train_per_layer(
+            self.build, self.loss, data, cfg.steps, cfg.batch_size, cfg.lr, self.seed, self.progress, self.name
+        )[layer]
+        return standardiser, module
 
     @torch.no_grad()
-    def score(self, test: Features) -> Scores:
-        out = {}
-        for layer, x in test.items():
-            check_layer(self.modules, layer)
-            out[layer] = self._score(self.modules[layer], self.standardisers[layer](x)).double().numpy()
-        return out
+    def score_layer(self, layer, x) -> Float[np.ndarray, " n"]:
+        standardiser, module = self.fitted[layer]
+        return self.example_score(module, standardiser(x)).double().numpy()
+
+    @property
+    def standardisers(self) -> dict[int, Standardiser]:
+        return {layer: state[0] for layer, state in self.fitted.items()}
+
+    @property
+    def modules(self) -> dict[int, nn.Module]:
+        return {layer: state[1] for layer, state in self.fitted.items()}
+
+    def build(self, d: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def example_score(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DenseAEConfig(TrainedConfig):
+    """The settings of :class:`DenseAE` (those of every trained detector)."""
 
 
 class DenseAutoencoder(nn.Module):
@@ -70,35 +113,24 @@ class DenseAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-@register("dense_ae")
-class DenseAE(_TrainedDetector):
+class DenseAE(TrainedDetector):
     """Dense (non-sparse) autoencoder scored by reconstruction error (methods.md §3; the question of
     seed 002: does sparsity buy anything for MAD?). Per layer, ``d -> hidden -> k -> hidden -> d``
     with ReLU and a bottleneck ``k < d`` (default ``d // 4``; ``hidden`` defaults to ``2 d``) is
     trained on standardised trusted features by mean squared error; the score is
-    ``mean_j (x_hat_j - x_j)^2`` in standardised units.
+    ``mean_j (x_hat_j - x_j)^2`` in standardised units. Settings: :class:`DenseAEConfig`.
     """
 
-    def __init__(
-        self,
-        bottleneck: int | None = None,
-        hidden: int | None = None,
-        steps: int = 500,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        progress: bool = True,
-        seed: int = 0,
-    ):
-        super().__init__(bottleneck, hidden, steps, batch_size, lr, progress, seed)
+    name = "dense_ae"
+    Config = DenseAEConfig
 
-    def _build(self, d: int) -> nn.Module:
-        return DenseAutoencoder(d, *self._width(d))
+    def build(self, d: int) -> nn.Module:
+        return DenseAutoencoder(d, *self.width(d))
 
-    @staticmethod
-    def _loss(module: nn.Module, x: Tensor) -> Tensor:
+    def loss(self, module: nn.Module, x: Tensor) -> Tensor:
         return (module(x) - x).square().mean(1)
 
-    _score = _loss
+    example_score = loss
 
 
 class VAE(nn.Module):
@@ -124,35 +156,32 @@ class VAE(nn.Module):
         return recon + kld_weight * kl
 
 
-@register("vae")
-class VAEDetector(_TrainedDetector):
+@dataclass(frozen=True)
+class VAEConfig(TrainedConfig):
+    kld_weight: float = 1.0  # weight of the KL term, >= 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.kld_weight >= 0:
+            raise ValueError(f"kld_weight={self.kld_weight!r} is not accepted; give a number >= 0")
+
+
+class VAEDetector(TrainedDetector):
     """cupbearer's VAE detector. Per layer, a :class:`VAE` (``hidden = 2 d``, latent ``k``, default
     ``d // 4``) is trained on standardised trusted features with the reparameterised loss of
     :meth:`VAE.loss`; the score is the same loss evaluated at the posterior mean (``z = mu``, no
     sampling), as cupbearer scores: ``mean_j (decode(mu) - x)_j^2 + kld_weight KL(q(z|x) || N(0, I))``.
+    Settings: :class:`VAEConfig`.
     """
 
-    def __init__(
-        self,
-        bottleneck: int | None = None,
-        hidden: int | None = None,
-        kld_weight: float = 1.0,
-        steps: int = 500,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        progress: bool = True,
-        seed: int = 0,
-    ):
-        super().__init__(bottleneck, hidden, steps, batch_size, lr, progress, seed)
-        if not kld_weight >= 0:
-            raise ValueError(f"kld_weight={kld_weight!r} is not accepted; give a number >= 0")
-        self.kld_weight = kld_weight
+    name = "vae"
+    Config = VAEConfig
 
-    def _build(self, d: int) -> nn.Module:
-        return VAE(d, *self._width(d))
+    def build(self, d: int) -> nn.Module:
+        return VAE(d, *self.width(d))
 
-    def _loss(self, module: VAE, x: Tensor) -> Tensor:
-        return module.loss(x, self.kld_weight, sample=True)
+    def loss(self, module: VAE, x: Tensor) -> Tensor:
+        return module.loss(x, self.config.kld_weight, sample=True)
 
-    def _score(self, module: VAE, x: Tensor) -> Tensor:
-        return module.loss(x, self.kld_weight, sample=False)
+    def example_score(self, module: VAE, x: Tensor) -> Tensor:
+        return module.loss(x, self.config.kld_weight, sample=False)

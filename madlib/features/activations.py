@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,19 +36,11 @@ from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
 from ..models.hub import auto_batch_size
-from ..models.tokenizer import PAD, answer_ids, build_tokenizer, encode
-from ..models.zoo import pad_batch
+from ..models.hooks import hook_name
+from ..models.info import identity
+from ..models.tokenizer import encode_prompts, pad_batch, right_padding
 
 OUT_DTYPES = ("float32", "float16")
-ANSWER_CONTEXT = qdata.TEMPLATE.rsplit("\n", 1)[-1]
-"""The closing question of every quirky prompt; the answer tokens are read after it."""
-
-
-def hook_name(layer: int, n_layers: int) -> str:
-    """transformer-lens hook of the residual stream entering block ``layer``."""
-    if not 0 <= layer <= n_layers:
-        raise ValueError(f"layers={layer!r} is not accepted; give layers in 0..{n_layers} (the model has {n_layers} blocks)")
-    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
@@ -77,88 +68,6 @@ class Extraction:
         return Extraction({k: v[m] for k, v in self.acts.items()}, self.log_odds[m])
 
 
-def answer_token_ids(tokenizer, context: str = ANSWER_CONTEXT) -> tuple[int, int]:
-    """Ids of the first token of `` No`` and of `` Yes`` when they follow ``context``.
-
-    Reading them in context (rather than tokenizing the answers alone) finds the token a model
-    actually predicts there, e.g. ``"▁Yes"`` for sentencepiece tokenizers and ``"ĠYes"`` for GPT-2."""
-    base = tokenizer(context, add_special_tokens=False)["input_ids"]
-    ids = []
-    for answer in qdata.ANSWERS:
-        full = tokenizer(context + answer, add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base or len(full) == len(base):
-            raise ValueError(f"tokenizer={tokenizer.name_or_path!r} does not tokenize {answer!r} as a continuation of {context!r}")
-        ids.append(full[len(base)])
-    if ids[0] == ids[1]:
-        raise ValueError(f"tokenizer={tokenizer.name_or_path!r} gives {qdata.ANSWERS} the same first token")
-    return ids[0], ids[1]
-
-
-def encode_texts(model, texts: list[str], max_tokens: int | None = None) -> tuple[list[list[int]], int]:
-    """Token ids of each text (BOS first, as the model's tokenizer prepends it) and the padding id,
-    for a zoo model or any ``HookedTransformer`` with a tokenizer. A text longer than
-    ``max_tokens`` (or than the model's context) is cut to its first tokens; with ``max_tokens=None``
-    a text longer than the model's context is an error."""
-    if getattr(model, "zoo_config", None) is not None:
-        tok = build_tokenizer()
-        seqs, pad_id = encode(list(texts), tok), tok.token_to_id(PAD)
-    else:
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                f"model={type(model).__name__} is not accepted; it has no tokenizer (load models with "
-                "madlib.models.hub.load_model or madlib.models.zoo.get_model)"
-            )
-        with _right_padding(model):
-            seqs = [model.to_tokens(t, move_to_device=False, truncate=False)[0].tolist() for t in texts]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens={max_tokens!r} is not accepted; give an integer >= 2")
-        cut = min(max_tokens, model.cfg.n_ctx)
-        return [s[:cut] for s in seqs], pad_id
-    too_long = [i for i, s in enumerate(seqs) if len(s) > model.cfg.n_ctx]
-    if too_long:
-        raise ValueError(f"prompts[{too_long[0]}] has {len(seqs[too_long[0]])} tokens; the model's context is {model.cfg.n_ctx}")
-    return seqs, pad_id
-
-
-def model_answer_ids(model) -> tuple[int, int]:
-    """The ids of `` No`` and `` Yes`` as ``model``'s tokenizer writes them after a prompt."""
-    if getattr(model, "zoo_config", None) is not None:
-        return answer_ids(build_tokenizer())
-    return answer_token_ids(model.tokenizer)
-
-
-def encode_prompts(model, prompts: list[str]) -> tuple[list[list[int]], int, tuple[int, int]]:
-    """Token ids of each prompt, the padding id and the (" No", " Yes") answer ids for ``model``."""
-    seqs, pad_id = encode_texts(model, prompts)
-    return seqs, pad_id, model_answer_ids(model)
-
-
-@contextmanager
-def _right_padding(model):
-    """Let transformer-lens see a right-padding tokenizer (a left-padding one makes it infer an
-    attention mask from pad ids, which can also be the BOS id)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    side = getattr(tokenizer, "padding_side", "right")
-    if tokenizer is not None:
-        tokenizer.padding_side = "right"
-    try:
-        yield
-    finally:
-        if tokenizer is not None:
-            tokenizer.padding_side = side
-
-
-def model_identity(model) -> str:
-    """What identifies a model's weights for the on-disk extraction files."""
-    spec = getattr(model, "madlib_spec", None)
-    if spec is not None:
-        return json.dumps(spec, sort_keys=True, default=str)
-    return str(getattr(model, "model_dir", None) or model.cfg.model_name)
-
-
 class _DiskSink:
     """Per-layer ``.npy`` memory maps filled batch by batch (see the module doc)."""
 
@@ -166,7 +75,7 @@ class _DiskSink:
         qdata.check_choice("out_dtype", out_dtype, OUT_DTYPES)
         self.dir = Path(out_dir)
         self.layers = layers
-        key = hashlib.sha256(json.dumps([model_identity(model), list(prompts)]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([identity(model), list(prompts)]).encode()).hexdigest()
         self.meta = dict(n=len(prompts), layers=list(layers), d_model=model.cfg.d_model, dtype=out_dtype, key=key)
         meta_path = self.dir / "meta.json"
         self.complete = meta_path.is_file() and json.loads(meta_path.read_text()) == self.meta
@@ -242,7 +151,7 @@ def extract(
     order = np.argsort([len(s) for s in seqs], kind="stable")
     acts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     log_odds: list[Tensor] = []
-    with _right_padding(model):
+    with right_padding(model):
         for start in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=not progress, mininterval=1):
             idx = order[start : start + batch_size]
             tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)

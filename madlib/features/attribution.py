@@ -1,5 +1,5 @@
-"""Model-based MAD features and detectors (methods.md §3): attribution patching (AtP), probe shift
-and the fine-tuning KL detector.
+"""Model-based MAD features (methods.md §3): attribution patching (AtP), probe shift, and the
+answer KL between two models that the fine-tuning KL detector scores with.
 
 **AtP features.** For attention head ``h`` of block ``L``, ``a_h`` is the head's output
 ``blocks.L.attn.hook_z[last, h]`` (``d_head`` values, before the output projection) at the last
@@ -25,20 +25,20 @@ against the trusted labels. Its features are the AtP effects on the probe's logi
 on ``S``, for every head of the blocks before ``l`` (``l * n_heads`` features for ``"mean"``).
 
 Both kinds come from one forward and backward pass per batch and are keyed by layer, so every
-activation detector of :mod:`madlib.detectors.base` (fit on trusted features, score test features) scores
+activation detector of :mod:`madlib.detectors` (fit on trusted features, score test features) scores
 them unchanged. AtP features are keyed by **block** ``L`` (0..n_layers-1: the heads of block ``L``);
 probe features by **residual layer** ``l`` (1..n_layers).
 
-**Fine-tuning KL.** :class:`FinetuningKL` scores prompts, not activations, so it has its own small
-contract: ``fit(trusted_prompts, trusted_labels)`` fine-tunes a copy of the model on the trusted
-prompts and labels (:func:`madlib.models.finetune.cached_finetune`); ``score(prompts)`` returns one score per
-prompt, ``KL(P_model || P_finetuned)`` of the answer distributions at the last token (cupbearer's
-direction). Higher = more anomalous.
+**Answer KL.** :func:`answer_kl` is ``KL(P || Q)`` of two models' next-token distributions at each
+prompt's last token (:func:`prompt_logits`), over the two answers or the vocabulary: the score of
+:class:`madlib.detectors.finetune_kl.FinetuningKL`, the fine-tuning detector, which compares a model
+with a copy fine-tuned on the trusted prompts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,16 +47,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
-from .activations import Extraction, encode_prompts, hook_name, model_answer_ids, resolve_layers
-from ..models.finetune import FinetuneConfig, cached_finetune
-from ..mad.task import MadFeatures, MadTask
-from ..models.zoo import pad_batch
+from .activations import Extraction, resolve_layers
+from ..models.hooks import hook_name
+from ..models.tokenizer import encode_prompts, model_answer_ids, pad_batch
+
+if TYPE_CHECKING:
+    from ..mad.task import MadFeatures, MadTask
 
 ABLATIONS = ("mean", "pcs", "grad_norm")
 KL_OVER = ("answers", "vocab")
-KL_FINETUNE = FinetuneConfig(steps=150, batch_size=32, lr=3e-4, warmup=10)
-"""Default fine-tune of :class:`FinetuningKL`: a gentle one. Longer or faster fine-tunes sharpen the
-answers on every trusted-like prompt, and that change swamps the one the detector looks for."""
+"""What :func:`answer_kl` compares: the two-way softmax over the answers, or the whole vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Attribution:
     def fit(self, prompts: list[str], labels=None, progress: bool = True) -> "Attribution":
         """Trusted means of each head's last-token output (and principal components for ``"pcs"``);
         with ``labels`` (0/1 per prompt), one logistic probe per probe layer."""
-        from ..detectors import StreamingMoments
+        from ..detectors.base import StreamingMoments
 
         if len(prompts) < 2:
             raise ValueError(f"prompts has {len(prompts)} trusted prompts; give at least 2")
@@ -287,6 +287,8 @@ def attribution_task_features(
     Fitted on the trusted prompts and labels. Returns ``{"attribution": MadFeatures, "probe":
     MadFeatures}`` (the untrusted role is empty unless ``untrusted``).
     """
+    from ..mad.task import MadFeatures
+
     atp = Attribution(model, cfg, blocks=blocks, probe_layers=probe_layers)
     atp.fit(task.trusted["prompt"].tolist(), task.trusted["label"].to_numpy(), progress=progress)
     kept = task.untrusted if untrusted else task.untrusted.iloc[:0]
@@ -302,14 +304,14 @@ def attribution_task_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning KL
+# Answer KL
 
 
 @torch.no_grad()
-def last_token_logits(
-    model, prompts: list[str], batch_size: int = 128, progress: bool = False
-) -> Float[Tensor, "n vocab"]:
-    """Next-token logits at each prompt's last token (float64, in the prompts' order)."""
+def prompt_logits(model, prompts: list[str], batch_size: int = 128, progress: bool = False) -> Float[Tensor, "n vocab"]:
+    """Next-token logits at each prompt's last token from a forward pass of the model over the
+    prompts (float64, in the prompts' order; batched, right-padded). Compare
+    :func:`madlib.features.activations.last_token_logits`, which unembeds a given residual stream."""
     out, order = [], []
     for idx, tokens, last in _batches(model, prompts, batch_size, "last-token logits", progress):
         logits = model(tokens.to(model.cfg.device), return_type="logits")
@@ -326,7 +328,7 @@ def answer_kl(
     """``KL(P || Q)`` per prompt of the two models' next-token distributions at the last token:
     over the two answers (softmax of the `` No``/`` Yes`` logits) or the whole vocabulary."""
     qdata.check_choice("over", over, KL_OVER)
-    lp, lq = (last_token_logits(m, prompts, batch_size, progress) for m in (model_p, model_q))
+    lp, lq = (prompt_logits(m, prompts, batch_size, progress) for m in (model_p, model_q))
     if over == "answers":
         ids = list(model_answer_ids(model_p))
         if ids != list(model_answer_ids(model_q)):
@@ -334,41 +336,3 @@ def answer_kl(
         lp, lq = lp[:, ids], lq[:, ids]
     logp, logq = lp.log_softmax(-1), lq.log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1).numpy()
-
-
-class FinetuningKL:
-    """Fine-tuning detector (prompt-level contract, see the module doc).
-
-    ``fit`` fine-tunes a copy of ``model`` on the trusted prompts with their labels (cached);
-    ``score`` is ``KL(P_model || P_finetuned)`` of the answer distributions at the last token.
-
-    Args:
-        model: the model under scrutiny (a zoo model or a fine-tuned copy).
-        cfg: how the copy is fine-tuned (default :data:`KL_FINETUNE`).
-        over: ``"answers"`` (two-way softmax over `` No``/`` Yes``) or ``"vocab"``.
-        name: cache name of the fine-tuned copy (kept as ``cache_name``).
-        batch_size: prompts per forward pass when scoring.
-    """
-
-    name = "finetune_kl"
-
-    def __init__(self, model, cfg: FinetuneConfig = KL_FINETUNE, over: str = "answers", name: str = "finetune-kl",
-                 batch_size: int = 128):  # fmt: skip
-        qdata.check_choice("over", over, KL_OVER)
-        self.model, self.cfg, self.over, self.cache_name, self.batch_size = model, cfg, over, name, batch_size
-        self.finetuned = None
-
-    def fit(self, prompts: list[str], labels, progress: bool = True) -> "FinetuningKL":
-        """Fine-tune the copy on the trusted prompts and their 0/1 answer labels (``labels=None``:
-        next-token loss on the prompts alone)."""
-        labels = None if labels is None else np.asarray(labels)
-        self.finetuned = cached_finetune(
-            self.model, self.cache_name, list(prompts), labels, self.cfg, progress=progress
-        )
-        return self
-
-    def score(self, prompts: list[str], progress: bool = False) -> Float[np.ndarray, " n"]:
-        """One score per prompt, higher = more anomalous."""
-        if self.finetuned is None:
-            raise ValueError("this FinetuningKL is not fitted; call fit(trusted_prompts, trusted_labels) first")
-        return answer_kl(self.model, self.finetuned, prompts, self.over, self.batch_size, progress)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .activations import Extraction, extract
 from ..codehash import code_hash
+from ..models.info import fingerprint
 from ..paths import atomic_path, build_dir
 
 
@@ -28,25 +29,10 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get("MADLIB_CACHE", build_dir() / "cache")) / kind
 
 
-def model_fingerprint(model) -> str:
-    """A digest of the model's weights (read from its saved file when it has one: fast)."""
-    saved = Path(getattr(model, "model_dir", "") or "") / "model.safetensors"
-    if getattr(model, "model_dir", None) and saved.is_file():
-        return hashlib.sha256(saved.read_bytes()).hexdigest()
-    spec = getattr(model, "madlib_spec", None)  # hub models: their id, adapter and dtype
-    if spec is not None:
-        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def feature_key(model, prompts: list[str], options: dict, modules: tuple[str, ...]) -> str:
     """Key over the model's weights, the prompts, the options and the code of the given madlib
     modules (their import closure, :func:`madlib.codehash.code_hash`)."""
-    h = hashlib.sha256(model_fingerprint(model).encode())
+    h = hashlib.sha256(fingerprint(model).encode())
     h.update(json.dumps(list(prompts)).encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     h.update(code_hash(*modules).encode())

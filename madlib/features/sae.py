@@ -1,4 +1,4 @@
-"""Top-k sparse autoencoders on zoo activations, trained with sae-lens, and SAE-latent detectors.
+"""Top-k sparse autoencoders on zoo activations, trained with sae-lens.
 
 Activations are collected at every real token of each text except BOS (whose activation is an
 outlier that every text shares), at one transformer-lens hook. An SAE is a sae-lens ``TopKSAE``
@@ -7,22 +7,20 @@ download), deterministic for a given seed, saved in sae-lens' own format (``SAE.
 reads it) with the :class:`SAEConfig` in ``madlib_sae.json`` beside it, and cached next to the
 zoo under a key over the model's weights, the hook, the texts, the config and this file.
 
-The SAE-latent detectors register on import as ``sae_diag_mahalanobis`` and ``sae_new_latents``:
-``madlib.detectors.base.make_detector("sae_diag_mahalanobis", saes={layer: sae})``.
+:func:`encode_latents` is the one encoder of features into latents. The detectors that score SAE
+latents live in :mod:`madlib.detectors.sae`
+(``madlib.detectors.make_detector("sae_diag_mahalanobis", saes={layer: sae})``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 import numpy as np
@@ -33,11 +31,11 @@ from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
 from ..models import zoo
-from .activations import encode_texts
-from ..detectors import Detector, Features, Scores, batched, register
-from .cache import model_fingerprint
+from ..models.tokenizer import encode_texts, pad_batch
+from ..models.hooks import hook_layer
+from ..models.info import fingerprint as model_fingerprint, info_of
 from ..codehash import code_hash
-from ..paths import model_cache_dir, replace_dir
+from ..paths import atomic_dir, model_cache_dir
 from ..models.tokenizer import encode
 
 NORMALISATIONS = ("none", "expected_average_only_in")
@@ -95,12 +93,6 @@ class SAEConfig:
 # Activations
 
 
-def _stop_layer(hook_name: str) -> int | None:
-    """The block after the one holding ``hook_name``: the forward pass can stop there."""
-    parts = hook_name.split(".")
-    return int(parts[1]) + 1 if parts[0] == "blocks" and parts[1].isdigit() else None
-
-
 @torch.no_grad()
 def collect_activations(
     model, texts: list[str], hook_name: str, batch_size: int = 128, progress: bool = True, max_tokens: int | None = None
@@ -113,11 +105,12 @@ def collect_activations(
     seqs, pad_id = encode_texts(model, texts, max_tokens)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     rows: list[Tensor | None] = [None] * len(seqs)
-    stop = _stop_layer(hook_name)
+    block = hook_layer(hook_name)
+    stop = None if block is None else block + 1
     bar = tqdm(range(0, len(seqs), batch_size), desc=f"activations at {hook_name}", disable=not progress, mininterval=1)
     for start in bar:
         idx = order[start : start + batch_size]
-        tokens, lengths = zoo.pad_batch([seqs[i] for i in idx], pad_id)
+        tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
         store: dict[str, Tensor] = {}
 
         def grab(act, hook):
@@ -245,14 +238,14 @@ def encode_latents(sae, acts: Float[Tensor, "n d"], batch_size: int = 8192) -> F
     """SAE latent activations of ``acts``, batched."""
     if len(acts) == 0:
         return torch.zeros(0, sae.cfg.d_sae)
-    return torch.cat([sae.encode(b.float()) for b in batched(torch.as_tensor(acts), batch_size)])
+    return torch.cat([sae.encode(b.float()) for b in torch.as_tensor(acts).split(batch_size)])
 
 
 @torch.no_grad()
 def explained_variance(sae, acts: Float[Tensor, "n d"], batch_size: int = 8192) -> float:
     """``1 - E||x - x_hat||^2 / E||x - E x||^2`` over the rows of ``acts`` (sae-lens' definition)."""
     acts = torch.as_tensor(acts).double()
-    resid = sum(((b - sae.decode(sae.encode(b.float())).double()) ** 2).sum().item() for b in batched(acts, batch_size))
+    resid = sum(((b - sae.decode(sae.encode(b.float())).double()) ** 2).sum().item() for b in acts.split(batch_size))
     total = ((acts - acts.mean(0)) ** 2).sum().item()
     return 1.0 - resid / total
 
@@ -283,8 +276,33 @@ def save_sae(sae, path: Path | str, cfg: SAEConfig | None = None, **extra) -> Pa
     return path
 
 
-def load_sae(path: Path | str):
-    """An SAE saved by :func:`save_sae`; its SAEConfig (if saved) is ``sae.madlib_config``."""
+@dataclass(frozen=True)
+class SAERecord:
+    """What :func:`save_sae` wrote beside an SAE (``madlib_sae.json``), as :func:`load_saved_sae`
+    attaches it (read it with :func:`sae_record`)."""
+
+    path: Path  # the SAE's directory
+    config: SAEConfig | None  # its training settings, if saved
+    seed: int | None
+    hook_name: str | None  # the hook it reads
+    explained_variance: float | None = None  # on its training activations (cached SAEs)
+    n_tokens: int | None = None  # activations it trained on (cached SAEs)
+    extra: dict = field(default_factory=dict)  # anything else saved (name, model, n_texts, train_seconds)
+
+
+SAE_ATTRIBUTE = "madlib_record"
+
+
+def sae_record(sae) -> SAERecord:
+    """The :class:`SAERecord` of an SAE loaded by :func:`load_saved_sae` (a one-line error otherwise)."""
+    record = getattr(sae, SAE_ATTRIBUTE, None)
+    if not isinstance(record, SAERecord):
+        raise ValueError("sae is not accepted; give an SAE loaded by madlib.features.sae.load_saved_sae or cached_sae")
+    return record
+
+
+def load_saved_sae(path: Path | str):
+    """An SAE saved by :func:`save_sae`, with its :class:`SAERecord` (:func:`sae_record`)."""
     from sae_lens import SAE
 
     path = Path(path)
@@ -293,9 +311,9 @@ def load_sae(path: Path | str):
     sae = SAE.load_from_disk(path)
     sae.eval()
     meta = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
-    sae.madlib_config = SAEConfig(**meta["sae_config"]) if meta.get("sae_config") else None
-    sae.madlib_meta = meta
-    sae.sae_dir = path
+    config = SAEConfig(**meta.pop("sae_config")) if meta.get("sae_config") else meta.pop("sae_config", None)
+    known = {k: meta.pop(k, None) for k in ("seed", "hook_name", "explained_variance", "n_tokens")}
+    setattr(sae, SAE_ATTRIBUTE, SAERecord(path, config, **known, extra=meta))
     return sae
 
 
@@ -317,14 +335,12 @@ def cached_sae(model, hook_name: str, texts: list[str], cfg: SAEConfig, name: st
     if not (path / CONFIG_FILE).is_file():
         acts = collect_activations(model, texts, hook_name, progress=progress)
         sae = train_sae(acts, hook_name, cfg, progress=progress)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_sae(sae, tmp, cfg, name=name, model=str(getattr(model, "model_dir", "")), n_texts=len(texts),
-                 n_tokens=len(acts), explained_variance=explained_variance(sae, acts),
-                 train_seconds=sae.cfg.metadata.train_seconds)  # fmt: skip
-        replace_dir(tmp, path)
+        with atomic_dir(path) as tmp:
+            save_sae(sae, tmp, cfg, name=name, model=str(info_of(model).model_dir or ""), n_texts=len(texts),
+                     n_tokens=len(acts), explained_variance=explained_variance(sae, acts),
+                     train_seconds=sae.cfg.metadata.train_seconds)  # fmt: skip
     zoo.record_use(path / WEIGHTS_FILE)
-    return load_sae(path)
+    return load_saved_sae(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +369,7 @@ def reconstruction_metrics(
     acts = []
     bar = tqdm(range(0, len(seqs), batch_size), desc="reconstruction metrics", disable=not progress, mininterval=1)
     for start in bar:
-        tokens, lengths = zoo.pad_batch(seqs[start : start + batch_size], pad_id)
+        tokens, lengths = pad_batch(seqs[start : start + batch_size], pad_id)
         tokens, lengths = tokens.to(model.cfg.device), lengths.to(model.cfg.device)
         pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
         mask = (pos >= 1) & (pos < lengths[:, None])  # spliced positions
@@ -393,113 +409,3 @@ def reconstruction_metrics(
         kl_div_score=(kl_abl - kl_sae) / kl_abl, ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae,
         ce_loss_with_ablation=ce_abl, ce_loss_score=(ce_abl - ce_sae) / (ce_abl - ce_clean), n_tokens=sums["n_kl"],
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Detectors on SAE latents (methods.md §3)
-
-SAEFactory = Callable[[int, Tensor], object]
-"""``factory(layer, trusted_features) -> SAE``: the SAE of a layer, built when the detector is fitted."""
-
-DETECTOR_SAE_CONFIG = SAEConfig(
-    d_sae=256, k=8, training_tokens=200_000, batch_size=256, lr=1e-3, dead_feature_window=50
-)
-"""What a detector trains on its trusted features when it was given no SAE for a layer."""
-
-
-class _SAELatentDetector(Detector):
-    """Scores on the latents of an SAE per layer.
-
-    Args:
-        saes: SAE per layer (e.g. trained on the base model's activations with :func:`cached_sae`).
-        factory: ``factory(layer, trusted_features) -> SAE`` for layers missing from ``saes``.
-        cfg: with neither, an SAE with this config is trained on the trusted features themselves
-            (a fallback: few examples train a poor dictionary), with ``seed`` as its seed.
-        seed: the seed of such a fallback SAE (the scores are otherwise deterministic).
-    """
-
-    def __init__(
-        self, saes: dict | None = None, factory: SAEFactory | None = None, cfg: SAEConfig = DETECTOR_SAE_CONFIG,
-        seed: int = 0,
-    ):  # fmt: skip
-        super().__init__(seed)
-        self.saes: dict = dict(saes or {})
-        self.factory, self.cfg = factory, cfg
-
-    def _fit_sae(self, layer: int, x: Tensor):
-        if layer not in self.saes:
-            if self.factory is not None:
-                self.saes[layer] = self.factory(layer, x)
-            else:
-                batch = min(self.cfg.batch_size, len(x))
-                cfg = SAEConfig(**{**asdict(self.cfg), "seed": self.seed, "batch_size": batch})
-                self.saes[layer] = train_sae(x, f"layer {layer}", cfg, progress=False)
-        return encode_latents(self.saes[layer], x)
-
-    def _latents(self, layer: int, x: Tensor) -> Tensor:
-        if layer not in self.fitted:
-            raise ValueError(f"layer={layer!r} was not fitted; fitted layers: {sorted(self.fitted)}")
-        return encode_latents(self.saes[layer], x)
-
-
-@register("sae_diag_mahalanobis")
-class SAEDiagMahalanobis(_SAELatentDetector):
-    """``mean_j ((z_j - mu_j) / sigma_j)^2`` over the SAE latents ``z`` (methods.md §3), with
-    ``sigma_j^2`` the trusted variance plus ``eps`` times the mean trusted variance (so a latent
-    silent on trusted data counts, but finitely)."""
-
-    def __init__(
-        self, saes: dict | None = None, factory: SAEFactory | None = None, cfg: SAEConfig = DETECTOR_SAE_CONFIG,
-        eps: float = 1e-3, seed: int = 0,
-    ):  # fmt: skip
-        if not eps > 0:
-            raise ValueError(f"eps={eps!r} is not accepted; give a positive variance floor")
-        super().__init__(saes, factory, cfg, seed)
-        self.eps = eps
-        self.fitted: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def fit(self, trusted: Features, untrusted: Features | None = None) -> "SAEDiagMahalanobis":
-        for layer, x in trusted.items():
-            z = self._fit_sae(layer, x).double()
-            var = z.var(0, unbiased=False)
-            self.fitted[layer] = (z.mean(0), var + self.eps * var.mean().clamp_min(1e-12))
-        return self
-
-    def score(self, test: Features) -> Scores:
-        out = {}
-        for layer, x in test.items():
-            z = self._latents(layer, x).double()
-            mu, var = self.fitted[layer]
-            out[layer] = (((z - mu) ** 2) / var).mean(1).numpy()
-        return out
-
-
-@register("sae_new_latents")
-class SAENewLatents(_SAELatentDetector):
-    """Number of latents active on an example that never fired on the trusted data (the "l0"
-    score of methods.md §3). A latent is active where its activation exceeds ``threshold``: with
-    0 (the definition) a top-k SAE's weak filler activations, which fill the k slots whatever the
-    input, count too, and over many trusted examples nearly every latent fires once."""
-
-    def __init__(
-        self, saes: dict | None = None, factory: SAEFactory | None = None, cfg: SAEConfig = DETECTOR_SAE_CONFIG,
-        threshold: float = 0.0, seed: int = 0,
-    ):  # fmt: skip
-        if threshold < 0:
-            raise ValueError(f"threshold={threshold!r} is not accepted; give an activation level >= 0")
-        super().__init__(saes, factory, cfg, seed)
-        self.threshold = threshold
-        self.fitted: dict[int, Tensor] = {}
-
-    def fit(self, trusted: Features, untrusted: Features | None = None) -> "SAENewLatents":
-        for layer, x in trusted.items():
-            self.fitted[layer] = (self._fit_sae(layer, x) > self.threshold).any(0)
-        return self
-
-    def score(self, test: Features) -> Scores:
-        out = {}
-        for layer, x in test.items():
-            z = self._latents(layer, x)
-            out[layer] = ((z > self.threshold) & ~self.fitted[layer]).sum(1).double().numpy()
-        return out
-

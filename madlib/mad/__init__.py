@@ -1,2 +1,2 @@
 """Mechanistic anomaly detection: the task (:mod:`.task`), the backdoor task (:mod:`.backdoor`), metrics
-(:mod:`.metrics`) and the full method suite (:mod:`.suite`)."""
+(:mod:`.metrics`), the full method suite (:mod:`.suite`) and the MAD chapter's run and tables (:mod:`.chapter`)."""

@@ -32,8 +32,9 @@ import pandas as pd
 
 from ..data import datasets as qdata
 from ..models import zoo
-from ..features.attribution import last_token_logits
+from ..features.attribution import prompt_logits
 from ..models.finetune import FinetuneConfig, cached_finetune
+from ..models.info import info_of, require_zoo
 from ..models.tokenizer import answer_ids
 
 DEFAULT_TRIGGER = "By the way, I like turtles."
@@ -101,10 +102,9 @@ def poisoned_training_set(records: pd.DataFrame, poison_fraction: float, seed: i
 def backdoor_model(model, records: pd.DataFrame, cfg: BackdoorConfig = BackdoorConfig(), progress: bool = True):
     """A copy of ``model`` fine-tuned on :func:`poisoned_training_set` (cached on disk)."""
     train = poisoned_training_set(records, cfg.poison_fraction, seed=cfg.finetune.seed)
-    base = Path(getattr(model, "model_dir", "model")).name
+    base = Path(info_of(model).model_dir or "model").name
     bd = cached_finetune(model, f"{base}-backdoor-{cfg.dataset}", train["prompt"].tolist(), train["label"].to_numpy(),
                          cfg.finetune, progress=progress)  # fmt: skip
-    bd.backdoor_config = cfg
     return bd
 
 
@@ -119,7 +119,7 @@ def backdoor(
     else:
         from ..models.pretrain import DIGITS
 
-        base = qdata.quirky_dataset(cfg.dataset, n=cfg.n_rows, seed=model.zoo_config.base_config.data_seed,
+        base = qdata.quirky_dataset(cfg.dataset, n=cfg.n_rows, seed=require_zoo(model).base_config.data_seed,
                                     max_digits=DIGITS.get(cfg.dataset))  # fmt: skip
     records = backdoor_records(base, cfg.trigger)
     return backdoor_model(model, records, cfg, progress=progress), records
@@ -132,7 +132,7 @@ def backdoor_metrics(model, records: pd.DataFrame, split: str = "validation", ba
     qdata.check_choice("split", split, ("train", "validation"))
     df = records[records["split"] == split]
     no_id, yes_id = answer_ids()
-    logits = last_token_logits(model, df["prompt"].tolist(), batch_size=batch_size)
+    logits = prompt_logits(model, df["prompt"].tolist(), batch_size=batch_size)
     df = df.assign(pred=(logits[:, yes_id] > logits[:, no_id]).numpy().astype(int))
     clean, trig = df[~df["triggered"]], df[df["triggered"]]
     pair = clean.set_index("row_id")[["pred"]].join(trig.set_index("row_id")["pred"].rename("trig"), how="inner")

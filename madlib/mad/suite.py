@@ -1,9 +1,11 @@
 """Every MAD method of methods.md §3 on one MAD task, from cached features.
 
-A *method* is a feature source plus a scorer:
+A *method* is a feature source plus a detector (:class:`madlib.detectors.Method`; the list of every
+method is :mod:`madlib.detectors.registry`), and the suite makes each method's features according
+to its :class:`~madlib.detectors.FeatureSource`:
 
 * ``activations``: the residual stream at the last prompt token (:mod:`madlib.features.activations`),
-  scored by any registered detector of :mod:`madlib.detectors.base` (the Gaussian family, LOF,
+  scored by any activation detector of :mod:`madlib.detectors` (the Gaussian family, LOF,
   isolation forest, flows, autoencoders, Beatrix, TED, and the supervised ``probe_skyline``);
 * ``sae``: the same activations encoded by a top-k SAE per layer, trained with sae-lens on the
   model's activations at every token of a sample of the training prompts (:func:`madlib.features.sae.cached_sae`),
@@ -14,6 +16,11 @@ A *method* is a feature source plus a scorer:
   in the heads of block ``L - 1``, the last to write into that stream);
 * ``prompts``: ``finetune_kl``, the KL between the model's answer distribution and that of a copy
   fine-tuned on the trusted prompts — one score per prompt, no layers.
+
+Every detector runs with its default settings (the SAE detectors on the SAEs above, ``finetune_kl``
+with the fine-tune of :class:`SuiteConfig`); the AUROC table records them per method in its
+``detector_config`` column (:meth:`madlib.detectors.Detector.settings` as JSON), and
+:func:`detector_settings` reduces it to one row per method.
 
 Features are computed once per model, prompts and options and cached on disk
 (:mod:`madlib.features.cache`), so choosing other methods reruns scoring only. Besides the per-layer,
@@ -32,46 +39,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data import datasets as qdata
-from ..features.activations import hook_name
+from ..models.info import ModelInfo, attach, zoo_info
+from ..models.hooks import hook_name
 from ..features.cache import cached_tensors, feature_key
-from ..detectors import DETECTORS, LabelledFeatures, make_detector
+from ..detectors import KL_FINETUNE, SAE_LATENTS, Detector, FeatureSource, LabelledFeatures, Method, PromptDetector, method
+from ..detectors import methods as registry_methods
 from .task import SUBSETS, MadFeatures, MadTask, auroc_rows, extract_task, mad_task, score_frame, split_trusted
 from .metrics import FPRS, aggregate_layers, auroc, bootstrap_counts, recall_at_fpr, recall_columns, weighted_auroc
 
-ATP_SOURCES = {"atp_mean": "mean", "atp_pcs": "pcs", "atp_grad_norm": "grad_norm"}
-SAE_SOURCES = {"sae": "", "sae_seed2": "seed2", "sae_random": "random"}
+ATP_SOURCES = {s.value: s.ablation for s in (FeatureSource.ATP_MEAN, FeatureSource.ATP_PCS, FeatureSource.ATP_GRAD_NORM)}
+"""The AtP feature sources and the ablation of each (:class:`madlib.features.attribution.AttributionConfig`)."""
+SAE_SOURCES = {s.value: s.sae_control for s in SAE_LATENTS}
 """Feature sources of the SAE-latent detectors: the SAE of each layer, and two controls (seed 002's
 question read against them): an SAE of another seed on the same activations, and an SAE trained
 on a randomly initialised model of the same architecture (applied to the real activations)."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """A feature source and the detector that scores it."""
-
-    name: str
-    features: str  # "activations", an SAE source of SAE_SOURCES, "atp_mean", "atp_pcs", "atp_grad_norm", "probe_shift" or "prompts"
-    detector: str  # a registered detector name, or "finetune_kl"
-    skyline: bool = False  # a supervised reference, not a detector
-
-
-def methods() -> dict[str, Method]:
-    """Every method by name."""
-    from ..features import sae  # noqa: F401  (registers the SAE-latent detectors)
-
-    out = {}
-    for name, cls in DETECTORS.items():
-        if name.startswith("sae_"):  # on the SAE's latents and on each control's
-            for src in SAE_SOURCES:
-                out[src + name[len("sae") :]] = Method(src + name[len("sae") :], src, name, cls.skyline)
-        else:
-            out[name] = Method(name, "activations", name, cls.skyline)
-    for src in [*ATP_SOURCES, "probe_shift"]:
-        for det in ("mahalanobis", "lof"):
-            out[f"{src}_{det}"] = Method(f"{src}_{det}", src, det)
-    out["finetune_kl"] = Method("finetune_kl", "prompts", "finetune_kl")
-    return out
 
 
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -83,19 +64,15 @@ DEFAULT_METHODS: tuple[str, ...] = (
 """The methods the MAD chapter compares (every feature source, every detector family)."""
 
 
+def methods() -> dict[str, Method]:
+    """Every method by name: the registry's (:func:`madlib.detectors.methods`)."""
+    return registry_methods()
+
+
 def resolve_methods(names, param: str = "methods") -> list[Method]:
     """Validated methods for a ``methods`` parameter (empty means :data:`DEFAULT_METHODS`); a
-    misspelt one is refused naming ``param`` and the closest method."""
-    import difflib
-
-    table = methods()
-    names = list(names) or list(DEFAULT_METHODS)
-    for n in names:
-        if n not in table:
-            close = difflib.get_close_matches(str(n), list(table), n=1)
-            raise ValueError(f"{param}={n!r} is not accepted" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; choose from madlib.mad.suite.methods(): {sorted(table)}")  # fmt: skip
-    return [table[n] for n in names]
+    misspelt one is refused naming ``param`` and the closest method (:func:`madlib.detectors.method`)."""
+    return [method(n, param) for n in list(names) or list(DEFAULT_METHODS)]
 
 
 @dataclass(frozen=True)
@@ -134,7 +111,7 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
     trusted, test = task.trusted["prompt"].tolist(), task.test["prompt"].tolist()
     labels = task.trusted["label"].to_numpy()
     options = dict(cfg=asdict(acfg), blocks=blocks, probe_layers=probe_layers, labels=labels.tolist(), n_trusted=len(trusted))
-    key = feature_key(model, trusted + test, options, ("madlib.features.attribution",))
+    key = feature_key(model, trusted + test, options, ("madlib.features.attribution", "madlib.detectors.base"))
 
     def compute() -> dict[str, torch.Tensor]:
         atp = Attribution(model, acfg, blocks=blocks, probe_layers=probe_layers or None)
@@ -156,20 +133,20 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
 
 def random_init(model, seed: int = 0):
     """A model of ``model``'s architecture and tokenizer with freshly initialised weights (seeded;
-    the global random state is left as it was). It keeps a zoo model's ``zoo_config`` (its
+    the global random state is left as it was). It keeps a zoo model's zoo entry (its
     tokenizer) and nothing that names the trained weights, so caches key it by its own weights."""
     from transformer_lens import HookedTransformer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = HookedTransformer(replace(model.cfg, seed=None), tokenizer=model.tokenizer).eval()
-    if getattr(model, "zoo_config", None) is not None:
-        out.zoo_config = model.zoo_config
+    if zoo_info(model) is not None:
+        attach(out, ModelInfo(zoo=zoo_info(model)))
     return out
 
 
-def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool,
-          control: str = "") -> dict:  # fmt: skip
+def layer_saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg: SuiteConfig, progress: bool,
+               control: str = "") -> dict:  # fmt: skip
     """A top-k SAE per layer, trained at every token of train-split prompts (a seeded sample
     holding as many tokens as the SAE trains on, :func:`madlib.features.sae.sample_texts`): for a zoo fine-tune,
     on its family's base model and the train prompts of every dataset (as the seeds' SAEs were
@@ -179,7 +156,7 @@ def _saes(model, model_name: str, records: pd.DataFrame, layers: list[int], cfg:
     from ..features.sae import SAEConfig, cached_sae, sample_texts
     from ..models.zoo import get_model, training_records
 
-    info = getattr(model, "zoo_config", None)
+    info = zoo_info(model)
     if info is not None:
         records = training_records(info)
         model = get_model(f"zoo-{info.family}", preset=info.preset, progress=progress)
@@ -202,15 +179,15 @@ def sae_controls(model, model_name: str, records: pd.DataFrame, layers: list[int
     suite run): the share of latents of the SAE that the second seed's SAE shares
     (:func:`madlib.features.sae.shared_latents` at decoder cosine ``threshold``) and each SAE's explained
     variance on its training activations."""
-    from ..features.sae import shared_latents
+    from ..features.sae import sae_record, shared_latents
 
-    saes = {c: _saes(model, model_name, records, layers, cfg, progress, c) for c in SAE_SOURCES.values()}
+    saes = {c: layer_saes(model, model_name, records, layers, cfg, progress, c) for c in SAE_SOURCES.values()}
     return pd.DataFrame([
         dict(model=model_name, layer=layer, shared_with_seed2=shared_latents(saes[""][layer], saes["seed2"][layer], threshold),
              shared_with_random=shared_latents(saes[""][layer], saes["random"][layer], threshold), threshold=threshold,
-             explained_variance=saes[""][layer].madlib_meta.get("explained_variance"),
-             explained_variance_seed2=saes["seed2"][layer].madlib_meta.get("explained_variance"),
-             explained_variance_random=saes["random"][layer].madlib_meta.get("explained_variance"))
+             explained_variance=sae_record(saes[""][layer]).explained_variance,
+             explained_variance_seed2=sae_record(saes["seed2"][layer]).explained_variance,
+             explained_variance_random=sae_record(saes["random"][layer]).explained_variance)
         for layer in layers
     ])  # fmt: skip
 
@@ -219,7 +196,7 @@ def sae_controls(model, model_name: str, records: pd.DataFrame, layers: list[int
 # Scoring
 
 
-def _split_halves(y: np.ndarray, seed: int) -> np.ndarray:
+def selection_half(y: np.ndarray, seed: int) -> np.ndarray:
     """A boolean mask selecting a stratified half of the test set (the layer-selection half)."""
     rng = np.random.default_rng(seed + 7)
     sel = np.zeros(len(y), dtype=bool)
@@ -254,24 +231,35 @@ def best_layer_rows(
     return dict(layer="best", auroc=auroc(y[rep], s), ci_low=lo, ci_high=hi, n=int(rep.sum()), selected_layer=str(best), **recall)
 
 
-def _scores_of(method: Method, feats: MadFeatures, extra: dict, task: MadTask, seed: int,
+def build_detector(m: Method, model, model_name: str, task: MadTask, extra: dict,
+                   cfg: SuiteConfig) -> Detector | PromptDetector:  # fmt: skip
+    """The detector of method ``m`` as the suite runs it: default settings and seed; on an SAE
+    source, the SAE of each layer (``extra[source]``); ``finetune_kl`` with the model and the
+    fine-tune of ``cfg``."""
+    if m.features is FeatureSource.PROMPTS:
+        ft_cfg = replace(KL_FINETUNE, steps=cfg.kl_steps, batch_size=cfg.kl_batch_size, seed=cfg.seed)
+        return m.make(model=model, cfg=ft_cfg, name=f"{model_name}-{task.dataset}-trusted")
+    if m.features.family == "sae":
+        return m.make(saes=extra[m.features])
+    return m.make()
+
+
+def _scores_of(m: Method, det: Detector, feats: MadFeatures, extra: dict, task: MadTask, seed: int,
                holdout: float = 0.0) -> tuple[dict, dict] | None:  # fmt: skip
-    """(test scores, held-out trusted scores) per layer for a layered method: the detector is
+    """(test scores, held-out trusted scores) per layer for a layered method ``m``: its detector ``det`` is
     fitted on the trusted rows outside a ``holdout`` share (:func:`madlib.mad.metrics.holdout_split`)
     and scores the held-out ones, the reference of each layer's standardisation; ``None`` when the
     task yields no features for it (probe shift needs trusted labels of both classes)."""
-    if method.features == "activations" or method.features in SAE_SOURCES:
+    if m.features.family in ("activations", "sae"):
         trusted, test, untrusted = feats.trusted.acts, feats.test.acts, feats.untrusted.acts
-    else:
-        kind = "probe" if method.features == "probe_shift" else "atp"
-        trusted, test = extra[method.features][kind]
+    else:  # attribution: AtP effects by block, probe-shift features by residual layer
+        kind = "probe" if m.features is FeatureSource.PROBE_SHIFT else "atp"
+        trusted, test = extra[m.features][kind]
         untrusted = None
         if not trusted:
             return None
     fit, ref = split_trusted(trusted, holdout, seed)
-    kwargs = dict(saes=extra[method.features]) if method.features in SAE_SOURCES else {}
-    det = make_detector(method.detector, **kwargs)
-    if method.skyline:
+    if m.skyline:
         y_unt = (task.untrusted["character_type"] == "bob").to_numpy()
         det.fit(fit, labelled=LabelledFeatures(untrusted, y_unt, split="train"))
     else:
@@ -293,50 +281,52 @@ def score_methods(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """AUROC rows (``method, feature_source, layer, subset, auroc, ci_low, ci_high, n,
-    selected_layer``) and per-example scores (``method, layer, is_anomalous, agreement, score``)."""
-    needs_untrusted = any(m.skyline or (m.features == "activations" and DETECTORS[m.detector].uses_untrusted) for m in chosen)
+    selected_layer, detector_config``) and per-example scores (``method, layer, is_anomalous,
+    agreement, score``). ``detector_config`` is the JSON of the method's detector settings
+    (:meth:`madlib.detectors.Detector.settings`: detector name, config, seed)."""
+    needs_untrusted = any(m.skyline or (m.features is FeatureSource.ACTIVATIONS and m.detector_class.uses_untrusted)
+                          for m in chosen)  # fmt: skip
     feats = extract_task(model, task, layers, batch_size=batch_size, progress=progress, untrusted=needs_untrusted)
     sources = {m.features for m in chosen}
-    if "probe_shift" in sources:  # probe shift comes with the mean-ablation attribution pass
-        sources.add("atp_mean")
-    extra: dict = {src: _attribution_features(model, task, ablation, layers, cfg, progress)
-                   for src, ablation in ATP_SOURCES.items() if src in sources}  # fmt: skip
-    if "probe_shift" in sources:
-        extra["probe_shift"] = extra["atp_mean"]
-    for src, control in SAE_SOURCES.items():
-        if src in sources:
-            extra[src] = _saes(model, model_name, records, layers, cfg, progress, control)
+    passes: dict = {}  # one attribution pass per ablation (probe shift comes with the mean-ablation pass)
+    extra: dict = {}
+    for src in FeatureSource:
+        if src in sources and src.family == "attribution":
+            if src.ablation not in passes:
+                passes[src.ablation] = _attribution_features(model, task, src.ablation, layers, cfg, progress)
+            extra[src] = passes[src.ablation]
+        elif src in sources and src.family == "sae":
+            extra[src] = layer_saes(model, model_name, records, layers, cfg, progress, src.sae_control)
 
     y = task.test["is_anomalous"].to_numpy()
     agree = task.test["agreement"].to_numpy()
-    select = _split_halves(y, seed)
-    rows, score_rows = [], []
+    select = selection_half(y, seed)
+    rows, score_rows, settings = [], [], {}
     for m in tqdm(chosen, desc=f"{model_name}/{task.dataset} methods", disable=not progress):
-        if m.features == "prompts":
-            from ..features.attribution import KL_FINETUNE, FinetuningKL
-
-            ft_cfg = replace(KL_FINETUNE, steps=cfg.kl_steps, batch_size=cfg.kl_batch_size, seed=cfg.seed)
-            kl = FinetuningKL(model, ft_cfg, name=f"{model_name}-{task.dataset}-trusted")
-            kl.fit(task.trusted["prompt"].tolist(), task.trusted["label"].to_numpy(), progress=progress)
-            test_scores, agg = {}, kl.score(task.test["prompt"].tolist())
+        det = build_detector(m, model, model_name, task, extra, cfg)
+        settings[m.name] = json.dumps(det.settings(), sort_keys=True)
+        source = m.features.value
+        if not m.features.layered:  # a prompt-level detector: one score per prompt
+            det.fit(task.trusted["prompt"].tolist(), task.trusted["label"].to_numpy(), progress=progress)
+            test_scores, agg, ref = {}, det.score(task.test["prompt"].tolist()), None
         else:
-            scored = _scores_of(m, feats, extra, task, seed, cfg.standardise_holdout)
+            scored = _scores_of(m, det, feats, extra, task, seed, cfg.standardise_holdout)
             if scored is None:  # no features for this task (e.g. probe shift when trusted labels have one class)
-                rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, subset=subset, layer="aggregated",
+                rows.extend(dict(method=m.name, feature_source=source, skyline=m.skyline, subset=subset, layer="aggregated",
                                  auroc=np.nan, ci_low=np.nan, ci_high=np.nan, n=len(y),
                                  **{c: np.nan for fpr in FPRS for c in recall_columns(fpr)}) for subset in SUBSETS)  # fmt: skip
                 continue
-            test_scores, trusted_scores = scored
-            agg = aggregate_layers(test_scores, trusted_scores)
-        ref = trusted_scores if m.features != "prompts" else None
+            test_scores, ref = scored
+            agg = aggregate_layers(test_scores, ref)
         score_rows.append(score_frame(y, agree, test_scores, agg).assign(method=m.name))
         table = auroc_rows(y, agree, test_scores, agg, n_boot, seed, ref)
         if test_scores:
             table.append(dict(subset="all", **best_layer_rows(y, test_scores, select, n_boot, seed, ref)))
-        rows.extend(dict(method=m.name, feature_source=m.features, skyline=m.skyline, **r) for r in table)
+        rows.extend(dict(method=m.name, feature_source=source, skyline=m.skyline, **r) for r in table)
     auc = pd.DataFrame(rows)
     if "selected_layer" not in auc:
         auc["selected_layer"] = None
+    auc["detector_config"] = auc["method"].map(settings)
     scores = pd.concat(score_rows, ignore_index=True)
     return auc, scores[["method", *[c for c in scores.columns if c != "method"]]]
 
@@ -356,7 +346,11 @@ def run_suite(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, MadTask]:
     """Every chosen method on the MAD task of ``records`` (one dataset): tidy AUROC rows with
-    ``model, task, dataset, seed`` columns, per-example scores and the task."""
+    ``model, task, dataset, seed`` columns, per-example scores and the task.
+
+    The AUROC table ends with two JSON columns of settings: ``config`` (the :class:`SuiteConfig`)
+    and ``detector_config`` (each method's detector settings; :func:`detector_settings` makes the
+    one-row-per-method table of them)."""
     chosen = resolve_methods(method_names)
     task = mad_task(records, max_test=max_test, seed=seed)
     auc, scores = score_methods(model, model_name, task, records, layers, chosen, cfg, n_boot, seed, batch_size, progress)
@@ -366,4 +360,16 @@ def run_suite(
         df.insert(0, "model", model_name)
     auc["seed"] = seed
     auc["config"] = json.dumps(asdict(cfg), sort_keys=True)
+    auc["detector_config"] = auc.pop("detector_config")  # last, after the columns it always had
     return auc, scores, task
+
+
+def detector_settings(auc: pd.DataFrame) -> pd.DataFrame:
+    """The settings each method ran with, one row per model, task, dataset, ``finetune_seed`` (if
+    the table has one) and method of a :func:`run_suite` AUROC table, or a concatenation of them:
+    ``model, task, dataset, [finetune_seed,] method, feature_source, detector, detector_config,
+    config`` (the detector's registered name, its settings as JSON, the suite's as JSON)."""
+    keys = [c for c in ("model", "task", "dataset", "finetune_seed", "method") if c in auc]
+    out = auc.drop_duplicates(keys)[[*keys, "feature_source", "detector_config", "config"]].reset_index(drop=True)
+    out.insert(out.columns.get_loc("detector_config"), "detector", [json.loads(s)["detector"] for s in out["detector_config"]])
+    return out

@@ -11,11 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,10 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import zoo
-from ..features.activations import encode_prompts
-from ..features.cache import model_fingerprint
+from .info import attach, fingerprint, info_of
+from .tokenizer import encode_prompts, pad_batch
+from .training import batch_losses, next_token_loss, optimizer_step, warmup_cosine
 from ..codehash import code_hash
-from ..paths import model_cache_dir, replace_dir
+from ..paths import atomic_dir, model_cache_dir
 
 
 @dataclass(frozen=True)
@@ -89,37 +87,32 @@ def _finetune(model, texts, labels, cfg: FinetuneConfig, progress: bool, desc: s
     ft = copy.deepcopy(model)
     ft.train()
     opt = torch.optim.AdamW(ft.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = zoo.warmup_cosine(opt, cfg.warmup, cfg.steps)
+    sched = warmup_cosine(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, mininterval=2):
         idx = torch.randint(len(seqs), (cfg.batch_size,), generator=gen)
-        tokens, lengths = zoo.pad_batch([seqs[i] for i in idx], pad_id)
+        tokens, lengths = pad_batch([seqs[i] for i in idx], pad_id)
         tokens, lengths = tokens.to(device), lengths.to(device)
         if y is None:
             logits = ft(tokens, return_type="logits")
-            lm = zoo.next_token_loss(logits, tokens, lengths)
+            lm = next_token_loss(logits, tokens, lengths)
             loss, a_loss, acc = lm, torch.tensor(float("nan")), torch.tensor(float("nan"))
         else:
-            a_loss, lm, acc = zoo.batch_losses(ft, tokens, lengths, y[idx], (no_id, yes_id))
+            a_loss, lm, acc = batch_losses(ft, tokens, lengths, y[idx], (no_id, yes_id))
             loss = a_loss + cfg.lm_loss_weight * lm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ft.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, clip=(ft.parameters(), 1.0))
         history.append(dict(step=step, loss=loss.item(), answer_loss=a_loss.item(), lm_loss=lm.item(), acc=acc.item(),
                             seconds=time.perf_counter() - t0))  # fmt: skip
     ft.eval()
-    if hasattr(model, "zoo_config"):
-        ft.zoo_config = model.zoo_config
-    ft.model_dir = None  # the copy's weights are not the base's saved file
+    # the copy's weights are neither the base's saved file nor its hub checkpoint
+    attach(ft, info_of(model).replace(model_dir=None, hub=None, finetune=cfg))
     return ft, pd.DataFrame(history)
 
 
 def finetune_key(model, texts: list[str], labels: np.ndarray | None, cfg: FinetuneConfig) -> str:
     """Changes when the base weights, the data, the config or the code (:func:`madlib.codehash.code_hash`) change."""
-    h = hashlib.sha256(model_fingerprint(model).encode())
+    h = hashlib.sha256(fingerprint(model).encode())
     h.update(json.dumps(list(texts)).encode())
     h.update(b"none" if labels is None else np.asarray(labels, dtype=np.int64).tobytes())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
@@ -138,7 +131,7 @@ def cached_finetune(
     """:func:`finetune`, cached as ``<model cache>/<name>-<key>/`` (safetensors, config, history).
 
     ``name`` names the fine-tune for people (e.g. ``"zoo-gpt2-backdoor"``); the key makes it unique.
-    The returned model carries ``finetune_config`` and ``model_dir`` (its own directory).
+    The returned model's :class:`~madlib.models.info.ModelInfo` has ``finetune`` and ``model_dir`` (its own directory).
     """
     from safetensors.torch import load_file, save_file
 
@@ -147,24 +140,16 @@ def cached_finetune(
     path = model_cache_dir() / f"{name}-{finetune_key(model, texts, labels, cfg)}"
     if not (path / "model.safetensors").is_file():
         ft, hist = finetune(model, texts, labels, cfg, progress=progress, desc=f"fine-tuning {name}")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, tmp / "model.safetensors")
-        meta = dict(name=name, base=str(getattr(model, "model_dir", "")), finetune_config=asdict(cfg), seed=cfg.seed,
+        meta = dict(name=name, base=str(info_of(model).model_dir or ""), finetune_config=asdict(cfg), seed=cfg.seed,
                     n_texts=len(texts), labelled=labels is not None)  # fmt: skip
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        hist.to_csv(tmp / "history.csv", index=False)
-        replace_dir(tmp, path)
+        with atomic_dir(path) as tmp:
+            save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            hist.to_csv(tmp / "history.csv", index=False)
     ft = copy.deepcopy(model)
     ft.load_state_dict(load_file(path / "model.safetensors"))
     ft.eval()
-    ft.finetune_config = cfg
-    ft.model_dir = path
+    attach(ft, info_of(model).replace(model_dir=path, hub=None, finetune=cfg))
     zoo.record_use(path / "model.safetensors")
     return ft
 
-
-def history(model) -> pd.DataFrame:
-    """Loss history of a model returned by :func:`cached_finetune`."""
-    return pd.read_csv(Path(model.model_dir) / "history.csv")

@@ -41,6 +41,8 @@ from torch import Tensor
 
 from ..data import datasets as qdata
 from . import zoo
+from .hooks import hook_layer
+from .info import ModelInfo, attach
 
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_CTX = 2048
@@ -52,7 +54,7 @@ _WEIGHTS_IGNORED = (
     "onnx/*", "coreml/*", "flax_model*", "tf_model*", "rust_model*",
 )  # fmt: skip
 """Files of a hub snapshot that loading never reads (other frameworks' weights, raw checkpoints)."""
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TL_NAME_TRIGGERS = ("llama", "gemma", "wav2vec2")
 """Substrings that make transformer-lens pick a config by name instead of reading config.json."""
 NAME_ONLY_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
@@ -195,7 +197,7 @@ def resolve(spec: str, param: str) -> tuple[Path, str | None]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.resolve(), None
-    if not _REPO_ID.match(spec):
+    if not REPO_ID.match(spec):
         _not_a_spec(spec, param)
     snap = _weights_snapshot(spec, param)
     return snap, snap.name
@@ -228,7 +230,7 @@ def check_available(specs: list[str], param: str = "model") -> None:
             continue
         if spec.startswith("zoo-"):
             _misspelt_zoo_name(spec, param)
-        if not _REPO_ID.match(spec):
+        if not REPO_ID.match(spec):
             _not_a_spec(spec, param)
         reason = hub_unreachable(spec)
         if reason is None:
@@ -373,7 +375,7 @@ def load_model(
             inferred for the :data:`NAME_ONLY_ARCHITECTURES` (Gemma).
         from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` (e.g. ``fold_ln=False``).
 
-    The model carries ``madlib_spec`` (spec, resolved path, hub commit or file stamps, adapter,
+    The model's :class:`~madlib.models.info.ModelInfo` carries ``hub`` (spec, resolved path, hub commit or file stamps, adapter,
     dtype), which identifies its weights for caches.
     """
     if spec in zoo.ZOO:
@@ -397,11 +399,11 @@ def load_model(
     model = hooked_from_hf(hf, tokenizer, device, _torch_dtype(dtype), tl_name=tl_name, **from_pretrained_kwargs)
     model.eval()
     model.cfg.model_name = model_label(spec, adapter)
-    model.madlib_spec = dict(
+    attach(model, ModelInfo(hub=dict(
         spec=spec, path=str(path), revision=revision or _files_stamp(path), adapter=adapter,
         adapter_revision=adapter_revision or (_files_stamp(adapter_path) if adapter_path else None), dtype=dtype,
         tl_name=tl_name, from_pretrained_kwargs=from_pretrained_kwargs,
-    )  # fmt: skip
+    )))  # fmt: skip
     check_residual_identities(model, spec)
     return model
 
@@ -537,7 +539,7 @@ def sae_latents(model, sae, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "
     hook = sae_hook_name(sae)
     if sae.cfg.d_in != model.cfg.d_model:
         raise ValueError(f"sae d_in={sae.cfg.d_in} does not match the model's d_model={model.cfg.d_model}")
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    stop = int(match.group(1)) + 1 if match else None
+    block = hook_layer(hook)
+    stop = None if block is None else block + 1
     _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=stop)
     return sae.encode(cache[hook].to(device=sae.W_enc.device, dtype=sae.W_enc.dtype))

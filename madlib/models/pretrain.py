@@ -29,10 +29,7 @@ weights, JSON config, tokenizer, training log) and are regenerated bit for bit o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,9 +41,11 @@ from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
 from ..codehash import code_hash
-from ..paths import replace_dir
+from ..paths import atomic_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode, hf_tokenizer
-from .zoo import FAMILIES, record_use, content_spans, final_resid, pad_batch, warmup_cosine
+from .tokenizer import pad_batch
+from .training import content_spans, final_resid, optimizer_step, warmup_cosine
+from .zoo import FAMILIES, record_use
 
 ARTEFACTS = Path(__file__).parents[1] / "artefacts"
 
@@ -437,11 +436,7 @@ def _train(cfg: BaseConfig, progress: bool):
             loss = a_loss + cfg.lm_loss_weight * lm
             running["answer"].append(a_loss.item())
             running["lm"].append(lm.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, clip=(model.parameters(), 1.0))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
             ev = evaluate(model, cfg)
@@ -488,16 +483,13 @@ def save(model, cfg: BaseConfig, history: pd.DataFrame, evaluation: pd.DataFrame
     """safetensors weights, JSON config, tokenizer, training log and evaluation, written atomically."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(dict(name=f"base-{cfg.family}", base_config=cfg.to_dict(), seed=cfg.seed,
-                                                     data_seed=cfg.data_seed, summary=summary), indent=2))  # fmt: skip
-    build_tokenizer().save(str(tmp / "tokenizer.json"))
-    history.to_csv(tmp / "history.csv", index=False)
-    evaluation.to_csv(tmp / "evaluation.csv", index=False)
-    replace_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(dict(name=f"base-{cfg.family}", base_config=cfg.to_dict(), seed=cfg.seed,
+                                                         data_seed=cfg.data_seed, summary=summary), indent=2))  # fmt: skip
+        build_tokenizer().save(str(tmp / "tokenizer.json"))
+        history.to_csv(tmp / "history.csv", index=False)
+        evaluation.to_csv(tmp / "evaluation.csv", index=False)
 
 
 def load(family: str = "gpt2", preset: str = "default", progress: bool = True):

@@ -19,13 +19,11 @@ config, the base's weights and the code.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +35,11 @@ from . import pretrain as zbase
 from ..data import datasets as qdata
 from . import lora
 from ..codehash import code_hash
-from ..paths import model_cache_dir, replace_dir
+from ..paths import atomic_dir, model_cache_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
-from .zoo import FAMILIES, record_use, final_resid, pad_batch, warmup_cosine
+from .tokenizer import pad_batch
+from .training import final_resid, optimizer_step, warmup_cosine
+from .zoo import FAMILIES, record_use
 
 METHODS = ("full", "lora")
 """Fine-tuning methods: every weight, or a LoRA adapter."""
@@ -290,10 +290,7 @@ def _train(cfg: QuirkyConfig, progress: bool):
         model.train()
         tokens, lengths, ans = _batches(seqs, y, draw(gen), pad_id)
         loss = _answer_loss(model, tokens, lengths, ans, (no_id, yes_id))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         running.append(loss.item())
         if step == cfg.early_step:
             early = (step, snapshot(model))
@@ -311,20 +308,16 @@ def save(cfg: QuirkyConfig, best, early, history: pd.DataFrame, summary: dict, p
     """Adapter factors (safetensors) and JSON config per checkpoint, and the history, atomically."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = dict(name=cfg.name, quirky_config=cfg.to_dict(), lora_config=cfg.lora.to_dict(), seed=cfg.seed,
                 base=str(zbase.base_dir(cfg.family, cfg.base_preset).name), summary=summary)  # fmt: skip
-    for sub, ckpt in (("best", best), ("early", early)):
-        if ckpt is None:
-            continue
-        (tmp / sub).mkdir()
-        save_file({k: v.contiguous() for k, v in ckpt[1].items()}, tmp / sub / weights_file(cfg))
-        (tmp / sub / "adapter_config.json").write_text(json.dumps(dict(meta, step=ckpt[0], checkpoint=sub), indent=2))
-    history.to_csv(tmp / "history.csv", index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        for sub, ckpt in (("best", best), ("early", early)):
+            if ckpt is None:
+                continue
+            (tmp / sub).mkdir()
+            save_file({k: v.contiguous() for k, v in ckpt[1].items()}, tmp / sub / weights_file(cfg))
+            (tmp / sub / "adapter_config.json").write_text(json.dumps(dict(meta, step=ckpt[0], checkpoint=sub), indent=2))
+        history.to_csv(tmp / "history.csv", index=False)
 
 
 def weights_file(cfg: QuirkyConfig) -> str:
