@@ -39,6 +39,7 @@ from ..paths import atomic_dir, model_cache_dir
 from .tokenizer import PAD, answer_ids, build_tokenizer, encode
 from .tokenizer import pad_batch
 from .training import final_resid, optimizer_step, warmup_cosine
+from .info import ModelInfo, attach
 from .zoo import FAMILIES, record_use
 
 METHODS = ("full", "lora")
@@ -334,7 +335,8 @@ def trained_dir(cfg: QuirkyConfig, progress: bool = False) -> Path:
 
 
 def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
-    """The base of ``cfg.family`` with the fine-tune's adapter merged in, as a ``HookedTransformer``."""
+    """The base of ``cfg.family`` with the fine-tune's adapter merged in, as a ``HookedTransformer``
+    (its :class:`~madlib.models.info.ModelInfo` names the checkpoint's directory)."""
     from safetensors.torch import load_file
 
     qdata.check_choice("checkpoint", checkpoint, ("best", "early"))
@@ -344,7 +346,7 @@ def load(cfg: QuirkyConfig, checkpoint: str = "best", progress: bool = False):
         lora.merge_factors(model, load_file(path / "adapter.safetensors"), cfg.lora)
     else:
         model.load_state_dict(load_file(path / "model.safetensors"))
-    model.adapter_dir = path
+    attach(model, ModelInfo(model_dir=path))
     record_use(path / weights_file(cfg))
     return model
 

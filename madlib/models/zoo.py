@@ -109,7 +109,7 @@ def get_model(name: str = "zoo-gpt2", preset: str = "default", dataset: str | No
     else:
         qdata.check_choice("dataset", dataset, base.base_config(family, preset).datasets)
         model = quirky.load(quirky.quirky_config(family, dataset, seed, preset), checkpoint, progress=progress)
-        path = model.adapter_dir
+        path = info_of(model).model_dir
     attach(model, ModelInfo(model_dir=path, zoo=ZooModel(name, family, preset, dataset, seed, checkpoint)))
     model.cfg.model_name = name if dataset is None else f"{name}/{dataset}"
     from .hub import check_residual_identities
