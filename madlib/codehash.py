@@ -90,17 +90,20 @@ def closure(*modules: str, nested: bool = False, root: Path | None = None) -> li
     return sorted(seen)
 
 
+def _is_docstring(stmt: ast.stmt) -> bool:
+    """A bare string statement: a module's, class's or function's docstring, or the docstring of an
+    attribute written under it. It computes nothing."""
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
 def _strip(node: ast.AST) -> ast.AST:
-    """``node`` without import statements and docstrings, at every depth (in place)."""
+    """``node`` without import statements and docstrings (every bare string statement), at every
+    depth (in place)."""
     for child in ast.walk(node):
         body = getattr(child, "body", None)
         if not isinstance(body, list):
             continue
-        kept = [s for s in body if not isinstance(s, (ast.Import, ast.ImportFrom))]
-        if isinstance(child, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and kept:
-            first = kept[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                kept = kept[1:]
+        kept = [s for s in body if not isinstance(s, (ast.Import, ast.ImportFrom)) and not _is_docstring(s)]
         child.body = kept or [ast.Pass()]
     return node
 

@@ -36,7 +36,10 @@ def test_code_hash_survives_a_copy_and_comments_and_sees_an_edit(package_copy):
     plots.write_text(plots.read_text() + "\nOUTSIDE = 1\n")
     assert codehash.code_hash(QUIRKY) == before[QUIRKY]  # an edit outside the closure
     data = copy / "data" / "datasets.py"
-    data.write_text(data.read_text().replace('"""', '"""A docstring edit. ', 1) + "\n# a comment\n")
+    text = data.read_text().replace('"""', '"""A docstring edit. ', 1) + "\n# a comment\n"
+    attribute_doc = '"""The first four names of each list serve trusted/untrusted data; the others are held out."""'
+    assert attribute_doc in text
+    data.write_text(text.replace(attribute_doc, '"""An attribute docstring, rewritten."""'))
     assert codehash.code_hash(QUIRKY) == before[QUIRKY]  # comments and docstrings are not code
     data.write_text(data.read_text() + "\nEDITED = 1\n")
     assert codehash.code_hash(QUIRKY) != before[QUIRKY]
