@@ -31,7 +31,8 @@ def cache_dir(kind: str) -> Path:
 
 def feature_key(model, prompts: list[str], options: dict, modules: tuple[str, ...]) -> str:
     """Key over the model's weights, the prompts, the options and the code of the given madlib
-    modules (their import closure, :func:`madlib.codehash.code_hash`)."""
+    modules (their import closure, :func:`madlib.codehash.code_hash`). Name the modules by the code
+    itself (``extract.__module__``), not by a typed string, so moving a module keeps the key working."""
     h = hashlib.sha256(fingerprint(model).encode())
     h.update(json.dumps(list(prompts)).encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
@@ -57,7 +58,7 @@ def cached_extract(
 ) -> Extraction:
     """:func:`madlib.features.activations.extract`, cached on disk (the batch size does not enter the key: padded
     batches give each prompt its own activations, up to float rounding)."""
-    key = feature_key(model, prompts, dict(layers=sorted(layers)), ("madlib.features.activations",))
+    key = feature_key(model, prompts, dict(layers=sorted(layers)), (extract.__module__,))
 
     def compute() -> dict[str, Tensor]:
         ex = extract(model, prompts, layers, batch_size=batch_size, progress=progress, desc=desc)

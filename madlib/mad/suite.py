@@ -102,6 +102,7 @@ class SuiteConfig:
 
 def _attribution_features(model, task: MadTask, ablation: str, layers: list[int], cfg: SuiteConfig, progress: bool) -> dict:
     """AtP (by block) and probe-shift (by residual layer) features of the trusted and test roles, cached."""
+    from ..detectors.base import StreamingMoments
     from ..features.attribution import Attribution, AttributionConfig
 
     n = model.cfg.n_layers
@@ -111,7 +112,7 @@ def _attribution_features(model, task: MadTask, ablation: str, layers: list[int]
     trusted, test = task.trusted["prompt"].tolist(), task.test["prompt"].tolist()
     labels = task.trusted["label"].to_numpy()
     options = dict(cfg=asdict(acfg), blocks=blocks, probe_layers=probe_layers, labels=labels.tolist(), n_trusted=len(trusted))
-    key = feature_key(model, trusted + test, options, ("madlib.features.attribution", "madlib.detectors.base"))
+    key = feature_key(model, trusted + test, options, (Attribution.__module__, StreamingMoments.__module__))  # the code that computes them, wherever it lives
 
     def compute() -> dict[str, torch.Tensor]:
         atp = Attribution(model, acfg, blocks=blocks, probe_layers=probe_layers or None)
