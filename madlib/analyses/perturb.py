@@ -843,6 +843,11 @@ def _capitalised(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _sentence(text: str) -> str:
+    """``text`` closed by one full stop (not a second after "et al.")."""
+    return text if text.endswith(".") else text + "."
+
+
 def chapter_claims(res: PerturbResult, order: dict, alpha: float = 0.05) -> dict[str, object]:
     """The chapter's statements, by glue key, against Giglemiani et al.'s findings
     (:data:`REPORTED_EARLIEST`, :data:`REPORTED_LATEST`, :data:`REPORTED_LONGEST_PLATEAU`):
@@ -859,8 +864,8 @@ def chapter_claims(res: PerturbResult, order: dict, alpha: float = 0.05) -> dict
     ms_rel = res.ms[(res.ms["mode"] == "relative") & (res.ms["metric"] == "l2")]
     samples = {t: g["ms_step"].to_numpy() for t, g in ms_rel.groupby("target_type") if t in MAIN_TYPES}
     first, last = extreme(samples, lowest=True, alpha=alpha), extreme(samples, lowest=False, alpha=alpha)
-    out["verdict_earliest"] = f"{_capitalised(extreme_text(first, 'earliest blow-ups'))}, {_as_reported(first, REPORTED_EARLIEST)}."
-    out["verdict_latest"] = f"{_capitalised(extreme_text(last, 'latest blow-ups'))}, {_as_reported(last, REPORTED_LATEST)}."
+    out["verdict_earliest"] = _sentence(f"{_capitalised(extreme_text(first, 'earliest blow-ups'))}, {_as_reported(first, REPORTED_EARLIEST)}")
+    out["verdict_latest"] = _sentence(f"{_capitalised(extreme_text(last, 'latest blow-ups'))}, {_as_reported(last, REPORTED_LATEST)}")
     s_ks, b_ks = ks.loc["structured", "ks"], ks.loc["baseline", "ks"]
     closer = s_ks < b_ks
     out["verdict_structured"] = (f"Structured synthetic activations are {'closer to' if closer else 'no closer to'} real ones "
