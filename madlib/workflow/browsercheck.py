@@ -130,7 +130,8 @@ def check_site(root: Path | str, forbidden: tuple[str, ...] = (), timeout_ms: in
                     problems.append(f"{rel}: console error: {e[:200]}")
                 broken = page.evaluate("() => [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
                 problems += [f"{rel}: image did not load: {src}" for src in broken]
-                text = page.evaluate("() => document.body.innerText")
+                page.wait_for_load_state("load", timeout=timeout_ms)  # a redirect page (index.html) navigates on
+                text = page.locator("body").inner_text(timeout=timeout_ms)  # waits for the body of the page it lands on
                 m = RAW_LOG.search(text)
                 if m:
                     problems.append(f"{rel}: shows raw log text {text[max(0, m.start() - 40):m.end() + 40]!r}")
