@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from ..data import datasets as qdata
 from ..models import zoo
-from ..models.tokenizer import encode_texts, pad_batch
+from ..models.tokenizer import encode, encode_texts, pad_batch
 from ..models.hooks import hook_layer
 from ..models.info import fingerprint as model_fingerprint, info_of
 from ..codehash import code_hash
 from ..paths import atomic_dir, model_cache_dir
-from ..models.tokenizer import encode
 
 NORMALISATIONS = ("none", "expected_average_only_in")
 CONFIG_FILE = "madlib_sae.json"
